@@ -1,0 +1,311 @@
+"""The running agent: mesh membership, ads, peer table, discovery loops, control API.
+
+`run_agent(cfg)` is what `shardmesh up` (and systemd) runs. Everything lives in one trio
+nursery; SIGTERM/SIGINT publish a leaving ad and cancel it. Serving model blocks is an
+optional part (agent.serving), imported only when a model is configured, so an agent that
+serves nothing never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import control
+from agent.config import AgentConfig
+from agent.devices import DeviceReport, discover
+from agent.identity import load_or_create_identity, private_seed
+from agent.mesh import Mesh, open_mesh
+from agent.peertable import PeerTable
+from protocol import CapacityAd, DeviceSummary, encode_signed_ad
+from protocol.ids import CAPACITY_TOPIC, PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from agent.serving import Serving
+
+log = logging.getLogger("shardmesh.agent")
+
+# How many peers we dial on our own after learning them from ads; beyond this, gossip
+# still reaches us through the peers we have.
+TARGET_CONNECTIONS = 24
+LEAVE_GRACE_S = 1.0
+
+
+@dataclass
+class NodeState:
+    """What the agent says about itself; read by ads, status and the idle policy."""
+
+    state: str = "joining"
+    reason: str = "starting"
+    devices: DeviceReport | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Node:
+    def __init__(self, cfg: AgentConfig, mesh: Mesh, key: Ed25519PrivateKey) -> None:
+        self.cfg = cfg
+        self.mesh = mesh
+        self.key = key
+        self.table = PeerTable(mesh.peer_id)
+        self.info = NodeState()
+        self.serving: Serving | None = None
+        # Ad sequence numbers start from the wall clock in ms, so a restarted agent (same
+        # peer id) continues above the numbers its previous run used.
+        self._seq = int(time.time() * 1000)
+        self._dial_backoff: dict[str, float] = {}
+        self._want_dial: list[CapacityAd] = []
+        self.joined = trio.Event()
+
+    # --- ads ---------------------------------------------------------------------------
+    def build_ad(self, state: str | None = None) -> CapacityAd:
+        self._seq += 1
+        devices = self.info.devices
+        serving = self.serving
+        return CapacityAd(
+            version=PROTOCOL_VERSION,
+            peer_id=self.mesh.peer_id,
+            addrs=tuple(self.mesh.listen_addrs()),
+            devices=tuple(DeviceSummary(**d) for d in devices.summaries()) if devices else (),
+            model=serving.model_id if serving else None,
+            model_name=serving.model_name if serving else None,
+            n_blocks=serving.n_blocks if serving else None,
+            span=serving.span if serving else None,
+            throughput=serving.throughput if serving else 0.0,
+            kv_free_tokens=serving.kv_free_tokens() if serving else 0,
+            sessions=serving.active_sessions() if serving else 0,
+            state=state or self.info.state,
+            seq=self._seq,
+            timestamp=time.time(),
+            ttl=self.cfg.ad_ttl_s,
+            reason=self.info.reason,
+        )
+
+    async def publish_ad(self, state: str | None = None) -> None:
+        data = encode_signed_ad(self.build_ad(state), self.key)
+        await self.mesh.publish(data)
+
+    async def announce_loop(self) -> None:
+        while True:
+            self.info.devices = await trio.to_thread.run_sync(discover)
+            try:
+                await self.publish_ad()
+            except Exception as exc:  # a publish failure must not kill the agent
+                log.warning("publishing the capacity ad failed: %s", exc)
+            # Jitter keeps many agents started together from publishing in lockstep.
+            await trio.sleep(self.cfg.announce_interval_s * random.uniform(0.9, 1.1))
+
+    # --- peers -------------------------------------------------------------------------
+    def on_ad(self, ad: CapacityAd) -> None:
+        change = self.table.update(ad, time.monotonic())
+        if change == "joined":
+            log.info("peer joined: %s (%s)", ad.peer_id, ad.state)
+        elif change == "left":
+            log.info("peer left: %s", ad.peer_id)
+        if ad.state != "leaving" and not self.mesh.is_connected(ad.peer_id):
+            self._want_dial.append(ad)
+
+    async def expire_loop(self) -> None:
+        while True:
+            for pid in self.table.expire(time.monotonic()):
+                log.info("peer expired: %s", pid)
+                self.mesh.validator.forget(pid)
+            await trio.sleep(0.25)
+
+    async def peer_exchange_loop(self) -> None:
+        """Dial peers learned from ads (peer exchange through the mesh), with backoff."""
+        while True:
+            await trio.sleep(0.2)
+            pending, self._want_dial = self._want_dial, []
+            now = time.monotonic()
+            for ad in {a.peer_id: a for a in pending}.values():
+                if len(self.mesh.connected_peers()) >= TARGET_CONNECTIONS:
+                    break
+                if self._dial_backoff.get(ad.peer_id, 0) > now or not ad.addrs:
+                    continue
+                try:
+                    await self.mesh.dial(list(ad.addrs))
+                    self._dial_backoff.pop(ad.peer_id, None)
+                except ConnectionError as exc:
+                    log.debug("peer exchange dial failed: %s", exc)
+                    self._dial_backoff[ad.peer_id] = now + 10.0
+
+    async def bootstrap_loop(self, addr: str) -> None:
+        """Keep a connection to one bootstrap peer, retrying with capped exponential backoff."""
+        delay = 0.5
+        from agent.multiaddrs import split_peer_addr
+
+        _, peer = split_peer_addr(addr)
+        while True:
+            if not self.mesh.is_connected(peer):
+                try:
+                    await self.mesh.dial([addr])
+                    log.info("connected to bootstrap peer %s", addr)
+                    delay = 0.5
+                except ConnectionError as exc:
+                    log.warning("bootstrap peer unreachable, retrying in %.1f s: %s", delay, exc)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self.cfg.bootstrap_retry_max_s)
+                    continue
+            self.joined.set()
+            await trio.sleep(2.0)
+
+    # --- control API -------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        devices = self.info.devices
+        result: dict[str, Any] = {
+            "peer_id": self.mesh.peer_id,
+            "addrs": self.mesh.listen_addrs(),
+            "state": self.info.state,
+            "reason": self.info.reason,
+            "devices": devices.summaries() if devices else [],
+            "model": None,
+            "model_name": None,
+            "span": None,
+            "sessions": 0,
+            "protocols": self.protocols(),
+            "uptime_s": round(time.monotonic() - self.info.started, 3),
+            "rejected_ads": dict(self.mesh.validator.rejected),
+            "connected_peers": len(self.mesh.connected_peers()),
+            "known_peers": len(self.table),
+            "gossip_bytes_in": self.mesh.bytes_in,
+            "gossip_bytes_out": self.mesh.bytes_out,
+        }
+        if self.serving:
+            result.update(self.serving.status())
+        return result
+
+    def protocols(self) -> list[str]:
+        protos = [f"/meshsub/1.1.0 (topic {CAPACITY_TOPIC})"]
+        if self.serving:
+            protos.insert(0, self.serving.protocol_id)
+        return protos
+
+    def peers(self) -> dict[str, Any]:
+        now = time.monotonic()
+        rows = []
+        for e in self.table:
+            ad = e.ad
+            rows.append(
+                {
+                    "peer_id": ad.peer_id,
+                    "addrs": list(ad.addrs),
+                    "state": ad.state,
+                    "devices": [_device_dict(d) for d in ad.devices],
+                    "model": ad.model,
+                    "model_name": ad.model_name,
+                    "n_blocks": ad.n_blocks,
+                    "span": list(ad.span) if ad.span else None,
+                    "throughput": ad.throughput,
+                    "kv_free_tokens": ad.kv_free_tokens,
+                    "sessions": ad.sessions,
+                    "age_s": round(now - e.received, 3),
+                    "connected": self.mesh.is_connected(ad.peer_id),
+                }
+            )
+        return {"self": self.mesh.peer_id, "peers": rows, "coverage": self.coverage()}
+
+    def coverage(self) -> list[dict[str, Any]]:
+        """Per model: how many times each block is served (online peers, this node included)."""
+        models = self.table.models()
+        if self.serving:
+            models.setdefault(
+                self.serving.model_id, (self.serving.model_name, self.serving.n_blocks)
+            )
+        out = []
+        for model_id, (name, n_blocks) in sorted(models.items()):
+            if not n_blocks:
+                continue
+            counts = [0] * n_blocks
+            spans = [e.ad.span for e in self.table if e.ad.model == model_id and e.ad.state == "online"]
+            if self.serving and self.serving.model_id == model_id and self.info.state == "online":
+                spans.append(self.serving.span)
+            for span in spans:
+                if span:
+                    for b in range(span[0], min(span[1], n_blocks)):
+                        counts[b] += 1
+            out.append({"model": model_id, "model_name": name, "n_blocks": n_blocks,
+                        "replicas": counts, "complete": min(counts) > 0})
+        return out
+
+
+def _device_dict(d: DeviceSummary) -> dict[str, Any]:
+    return {
+        "kind": d.kind,
+        "name": d.name,
+        "memory_total": d.memory_total,
+        "memory_free": d.memory_free,
+        "utilization": d.utilization,
+    }
+
+
+async def run_agent(cfg: AgentConfig) -> None:
+    """Run the agent until SIGTERM/SIGINT. Raises IdentityError/ControlError/etc for setup
+    failures, which the CLI turns into one line and exit 1."""
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_pair = load_or_create_identity(cfg.identity_path)
+    control.prepare_socket_path(cfg.control_socket)
+    signing_key = Ed25519PrivateKey.from_private_bytes(private_seed(key_pair))
+    serving = None
+    if cfg.model is not None:
+        from agent.serving import Serving  # imports torch: only for agents that serve
+
+        serving = Serving.prepare(cfg)
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_mesh(cfg, key_pair) as mesh:
+            node = Node(cfg, mesh, signing_key)
+            node.info.devices = await trio.to_thread.run_sync(discover)
+            log.info("peer id %s", mesh.peer_id)
+            for addr in mesh.listen_addrs():
+                log.info("listening on %s", addr)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.peer_exchange_loop)
+                nursery.start_soon(mesh.receive_ads, node.on_ad)
+                nursery.start_soon(node.expire_loop)
+                for addr in cfg.bootstrap:
+                    nursery.start_soon(node.bootstrap_loop, addr)
+                if not cfg.bootstrap:
+                    node.joined.set()
+                if serving is not None:
+                    node.serving = serving
+                    await serving.start(node, nursery)
+                node.info.state, node.info.reason = "online", _reason(node)
+                nursery.start_soon(node.announce_loop)
+                await nursery.start(
+                    control.serve_control, cfg.control_socket,
+                    {"status": _wrap(node.status), "peers": _wrap(node.peers)},
+                    serving.stream_handlers() if serving else {},
+                )
+                log.info("agent online")
+                async for signum in signals:
+                    log.info("received %s, leaving the mesh", signal.Signals(signum).name)
+                    break
+                node.info.state = "leaving"
+                with trio.move_on_after(LEAVE_GRACE_S):
+                    await node.publish_ad("leaving")
+                    # Give gossip a heartbeat to carry the leaving ad before the host closes.
+                    await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+    log.info("agent stopped")
+
+
+def _reason(node: Node) -> str:
+    if node.serving:
+        s, e = node.serving.span
+        return f"serving blocks {s}:{e} of {node.serving.model_name}"
+    return "no model configured: routing and relaying only"
+
+
+def _wrap(fn: Any) -> control.Handler:
+    async def handler(req: dict[str, Any]) -> Any:
+        return fn()
+
+    return handler
+
