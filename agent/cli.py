@@ -32,7 +32,7 @@ def _add_control_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--control",
         type=Path,
-        help="control socket of the agent (default: $SHARDMESH_CONTROL or <state dir>/control.sock)",
+        help="agent control socket (default: $SHARDMESH_CONTROL or <state dir>/control.sock)",
     )
     p.add_argument("--state-dir", type=Path, help="state dir of the agent to ask")
 
@@ -75,13 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--model-dir", type=Path, help="local checkpoint dir for embeddings/head")
-    gen.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
-                     help="join the mesh directly instead of asking a local agent")
+    gen.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="join the mesh directly instead of asking a local agent",
+    )
     gen.add_argument("--timeout", type=float, default=300.0, help="overall limit in seconds")
 
     demo = sub.add_parser("demo", help="a local mesh on loopback with a tiny model")
     demo.add_argument("--agents", type=int, default=3)
-    demo.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+    demo.add_argument(
+        "--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+    )
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--workdir", type=Path, help="keep models and agent state here")
     demo.add_argument("--json", action="store_true")

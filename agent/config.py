@@ -99,7 +99,9 @@ def parse_blocks(text: str) -> tuple[int, int] | None:
     except ValueError:
         start = end = -1
     if not sep or start < 0 or end <= start:
-        raise ConfigError(f"blocks: expected 'auto' or START:END with 0 <= START < END, got {text!r}")
+        raise ConfigError(
+            f"blocks: expected 'auto' or START:END with 0 <= START < END, got {text!r}"
+        )
     return start, end
 
 
@@ -146,7 +148,7 @@ def _merge_section(cls: type, base: Any, values: dict[str, Any], prefix: str = "
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         if key not in known or key == "limits":
-            raise ConfigError(f"unknown config key {prefix}{raw_key!r}")
+            raise ConfigError(f"unknown config key '{prefix}{raw_key}'")
         changes[key] = _coerce(prefix + key, value, getattr(base, key))
     return replace(base, **changes)
 
@@ -176,7 +178,9 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> AgentCon
 
 def validate(cfg: AgentConfig) -> None:
     if cfg.log_level not in LOG_LEVELS:
-        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {cfg.log_level!r}")
+        raise ConfigError(
+            f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {cfg.log_level!r}"
+        )
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):

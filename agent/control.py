@@ -10,6 +10,7 @@ The client half uses blocking sockets only, so `shardmesh status` starts in mill
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -139,10 +140,8 @@ async def serve_control(
     try:
         await trio.serve_listeners(handle, [listener])
     finally:
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
 
 async def _read_request(stream: Any) -> dict[str, Any]:
@@ -170,7 +169,5 @@ async def _send(stream: Any, obj: dict[str, Any]) -> None:
 async def _send_quietly(stream: Any, obj: dict[str, Any]) -> None:
     import trio
 
-    try:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await _send(stream, obj)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass

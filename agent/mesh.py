@@ -187,7 +187,10 @@ async def open_mesh(cfg: AgentConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
     mesh = Mesh(host, pubsub, AdValidator())
     pubsub.set_topic_validator(CAPACITY_TOPIC, mesh._validate, False)
     listen = [multiaddr.Multiaddr(a) for a in cfg.listen]
-    async with host.run(listen_addrs=listen):
-        async with background_trio_service(pubsub), background_trio_service(router):
-            await pubsub.wait_until_ready()
-            yield mesh
+    async with (
+        host.run(listen_addrs=listen),
+        background_trio_service(pubsub),
+        background_trio_service(router),
+    ):
+        await pubsub.wait_until_ready()
+        yield mesh

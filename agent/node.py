@@ -223,15 +223,24 @@ class Node:
             if not n_blocks:
                 continue
             counts = [0] * n_blocks
-            spans = [e.ad.span for e in self.table if e.ad.model == model_id and e.ad.state == "online"]
+            spans = [
+                e.ad.span for e in self.table if e.ad.model == model_id and e.ad.state == "online"
+            ]
             if self.serving and self.serving.model_id == model_id and self.info.state == "online":
                 spans.append(self.serving.span)
             for span in spans:
                 if span:
                     for b in range(span[0], min(span[1], n_blocks)):
                         counts[b] += 1
-            out.append({"model": model_id, "model_name": name, "n_blocks": n_blocks,
-                        "replicas": counts, "complete": min(counts) > 0})
+            out.append(
+                {
+                    "model": model_id,
+                    "model_name": name,
+                    "n_blocks": n_blocks,
+                    "replicas": counts,
+                    "complete": min(counts) > 0,
+                }
+            )
         return out
 
 
@@ -279,7 +288,8 @@ async def run_agent(cfg: AgentConfig) -> None:
                 node.info.state, node.info.reason = "online", _reason(node)
                 nursery.start_soon(node.announce_loop)
                 await nursery.start(
-                    control.serve_control, cfg.control_socket,
+                    control.serve_control,
+                    cfg.control_socket,
                     {"status": _wrap(node.status), "peers": _wrap(node.peers)},
                     serving.stream_handlers() if serving else {},
                 )
@@ -308,4 +318,3 @@ def _wrap(fn: Any) -> control.Handler:
         return fn()
 
     return handler
-
