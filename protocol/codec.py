@@ -1,0 +1,222 @@
+"""msgpack encoding with hard limits, and typed field readers for the message decoders.
+
+`unpack_map` is the single entry point from untrusted bytes: it bounds every length msgpack may
+allocate, refuses ext types and deep nesting, and turns every failure into `DecodeError`.
+The `get_*` readers then check one field each and name it in the error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NoReturn
+
+import msgpack
+
+from protocol.errors import DecodeError, FrameTooLarge, ProtocolError
+
+# Deepest structure any message needs is 3 (ad -> devices -> device); leave room for growth.
+MAX_DEPTH = 16
+
+_MISSING: Any = object()
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode `obj` (str as str, bytes as bin)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
+    raise DecodeError(f"msgpack ext type {code} is not allowed")
+
+
+def _check_tree(obj: dict[str, Any] | list[Any], depth: int) -> None:
+    """Reject nesting deeper than MAX_DEPTH and maps whose keys are not str."""
+    if depth > MAX_DEPTH:
+        raise DecodeError(f"nesting deeper than {MAX_DEPTH}")
+    if type(obj) is dict:
+        for k in obj:
+            if type(k) is not str:
+                raise DecodeError(f"map key of type {type(k).__name__}, expected str")
+        values: Any = obj.values()
+    else:
+        values = obj
+    for v in values:
+        t = type(v)
+        if t is dict or t is list:
+            _check_tree(v, depth + 1)
+
+
+def unpack_map(data: bytes | bytearray | memoryview, *, max_size: int) -> dict[str, Any]:
+    """Decode one msgpack map from exactly `data`.
+
+    Raises FrameTooLarge if `data` is longer than `max_size`, DecodeError for anything else
+    that is not a single str-keyed map within the nesting limit.
+    """
+    n = len(data)
+    if n > max_size:
+        raise FrameTooLarge(f"{n} bytes exceeds the limit of {max_size}")
+    try:
+        # Every length inside is bounded by the input, so a hostile prefix cannot allocate
+        # more than a small multiple of what was actually received.
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
+        )
+    except ProtocolError:
+        raise
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise DecodeError(f"bad msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError(f"top level is {type(obj).__name__}, expected a map")
+    _check_tree(obj, 1)
+    return obj
+
+
+# --- value checks (for list items and nested values) -------------------------------------------
+
+
+def _fail(field: str, what: str, value: Any) -> NoReturn:
+    raise DecodeError(f"field {field!r}: expected {what}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (bool, int, float)) or value is None:
+        return repr(value)
+    if isinstance(value, (str, bytes, list, dict)):
+        return f"{type(value).__name__} of length {len(value)}"
+    return type(value).__name__
+
+
+def as_str(value: Any, field: str, *, max_len: int, min_len: int = 0) -> str:
+    if type(value) is not str:
+        _fail(field, "str", value)
+    if not min_len <= len(value) <= max_len:
+        _fail(field, f"str of length {min_len}..{max_len}", value)
+    return value
+
+
+def as_int(value: Any, field: str, *, min: int, max: int) -> int:
+    # bool is an int subclass; msgpack true/false must not pass as 1/0.
+    if type(value) is not int:
+        _fail(field, "int", value)
+    if not min <= value <= max:
+        _fail(field, f"int in [{min}, {max}]", value)
+    return value
+
+
+def as_float(
+    value: Any, field: str, *, min: float, max: float, min_exclusive: bool = False
+) -> float:
+    """A finite float (ints accepted) in [min, max], or (min, max] with min_exclusive."""
+    if type(value) is int:
+        value = float(value)
+    elif type(value) is not float:
+        _fail(field, "float", value)
+    too_low = value <= min if min_exclusive else value < min
+    if not math.isfinite(value) or too_low or value > max:
+        lo = "(" if min_exclusive else "["
+        _fail(field, f"finite float in {lo}{min}, {max}]", value)
+    return value
+
+
+def as_bytes(value: Any, field: str, *, max_len: int, min_len: int = 0) -> bytes:
+    if type(value) is not bytes:
+        _fail(field, "bytes", value)
+    if not min_len <= len(value) <= max_len:
+        _fail(field, f"bytes of length {min_len}..{max_len}", value)
+    return value
+
+
+def as_list(value: Any, field: str, *, max_len: int) -> list[Any]:
+    if type(value) is not list:
+        _fail(field, "list", value)
+    if len(value) > max_len:
+        _fail(field, f"list of at most {max_len} items", value)
+    return value
+
+
+def as_map(value: Any, field: str) -> dict[str, Any]:
+    # Keys were already checked to be str by unpack_map's tree walk.
+    if type(value) is not dict:
+        _fail(field, "map", value)
+    return value
+
+
+# --- field readers ------------------------------------------------------------------------------
+
+
+def _get(m: dict[str, Any], key: str) -> Any:
+    value = m.get(key, _MISSING)
+    if value is _MISSING:
+        raise DecodeError(f"missing field {key!r}")
+    return value
+
+
+def get_str(m: dict[str, Any], key: str, *, max_len: int, min_len: int = 0) -> str:
+    value = m.get(key)
+    if type(value) is str and min_len <= len(value) <= max_len:
+        return value
+    return as_str(_get(m, key), key, max_len=max_len, min_len=min_len)
+
+
+def get_int(m: dict[str, Any], key: str, *, min: int, max: int) -> int:
+    value = m.get(key)
+    if type(value) is int and min <= value <= max:
+        return value
+    return as_int(_get(m, key), key, min=min, max=max)
+
+
+def get_float(
+    m: dict[str, Any], key: str, *, min: float, max: float, min_exclusive: bool = False
+) -> float:
+    return as_float(_get(m, key), key, min=min, max=max, min_exclusive=min_exclusive)
+
+
+def get_bytes(m: dict[str, Any], key: str, *, max_len: int, min_len: int = 0) -> bytes:
+    value = m.get(key)
+    if type(value) is bytes and min_len <= len(value) <= max_len:
+        return value
+    return as_bytes(_get(m, key), key, max_len=max_len, min_len=min_len)
+
+
+def get_list(m: dict[str, Any], key: str, *, max_len: int) -> list[Any]:
+    return as_list(_get(m, key), key, max_len=max_len)
+
+
+def get_map(m: dict[str, Any], key: str) -> dict[str, Any]:
+    return as_map(_get(m, key), key)
+
+
+# Optional fields: absent or nil both read as None.
+
+
+def get_opt_str(m: dict[str, Any], key: str, *, max_len: int, min_len: int = 0) -> str | None:
+    value = m.get(key)
+    return None if value is None else as_str(value, key, max_len=max_len, min_len=min_len)
+
+
+def get_opt_int(m: dict[str, Any], key: str, *, min: int, max: int) -> int | None:
+    value = m.get(key)
+    return None if value is None else as_int(value, key, min=min, max=max)
+
+
+def get_opt_float(
+    m: dict[str, Any], key: str, *, min: float, max: float, min_exclusive: bool = False
+) -> float | None:
+    value = m.get(key)
+    if value is None:
+        return None
+    return as_float(value, key, min=min, max=max, min_exclusive=min_exclusive)
+
+
+def get_opt_list(m: dict[str, Any], key: str, *, max_len: int) -> list[Any] | None:
+    value = m.get(key)
+    return None if value is None else as_list(value, key, max_len=max_len)
