@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ad-ttl", type=float, dest="ad_ttl_s", metavar="S")
     up.add_argument("--model", type=Path, metavar="DIR", help="Hugging Face checkpoint dir")
     up.add_argument("--blocks", metavar="START:END|auto")
+    up.add_argument("--max-blocks", type=int, help="with --blocks auto: serve at most N blocks")
     up.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     up.add_argument("--device", metavar="auto|cpu|cuda:N")
     up.add_argument("--threads", type=int, help="torch threads (0: all cores)")
@@ -127,6 +128,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "device": args.device,
         "threads": args.threads,
+        "max_blocks": args.max_blocks,
     }
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level, json_lines=cfg.log_json)
@@ -198,7 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.errors import expected_errors, usage_errors
 
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except BaseExceptionGroup as group:
+            # trio nurseries wrap errors; an expected one inside is still expected.
+            raise _first_leaf(group) from None
     except usage_errors() as exc:
         sys.stderr.write(f"shardmesh: error: {exc}\n")
         return EXIT_USAGE
@@ -210,6 +216,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    from agent.errors import expected_errors
+
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, (*expected_errors(), KeyboardInterrupt)):
+            return leaf
+    return group
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class LimitsConfig:
     session_idle_timeout_s: float = 120.0
     # Fraction of the device's free memory (after loading blocks) the KV caches may use.
     kv_memory_fraction: float = 0.5
+    # A fixed KV-cache budget in tokens (over the served span) instead; 0 = from memory.
+    kv_budget_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class AgentConfig:
     # Serving (issue: sharded blocks). None model = a node that only relays and routes.
     model: Path | None = None
     blocks: str = "auto"
+    max_blocks: int = 0  # with --blocks auto: serve at most this many (0: as memory allows)
     dtype: str = "float32"
     device: str = "auto"
     threads: int = 0
@@ -194,6 +197,8 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError("ad_ttl_s: must be at least announce_interval_s")
     if cfg.threads < 0:
         raise ConfigError("threads: must be 0 (auto) or positive")
+    if cfg.max_blocks < 0:
+        raise ConfigError("max_blocks: must be 0 (as memory allows) or positive")
     parse_blocks(cfg.blocks)
     lim = cfg.limits
     for key in ("max_sessions", "max_session_tokens", "max_batch", "max_frame_bytes"):
@@ -201,6 +206,8 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f"limits.{key}: must be at least 1")
     if not 0 < lim.kv_memory_fraction <= 1:
         raise ConfigError("limits.kv_memory_fraction: must be in (0, 1]")
+    if lim.kv_budget_tokens < 0:
+        raise ConfigError("limits.kv_budget_tokens: must be 0 (from memory) or positive")
     if lim.session_idle_timeout_s <= 0:
         raise ConfigError("limits.session_idle_timeout_s: must be positive")
     from agent.multiaddrs import check_multiaddr

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ShardmeshError
 
 MAX_REQUEST_BYTES = 1 << 20
+log = logging.getLogger("shardmesh.control")
 
 
 class ControlError(ShardmeshError):
@@ -75,7 +77,9 @@ def stream_request(
 
 # --- server ----------------------------------------------------------------------------------
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-StreamHandler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+# A streaming handler sends events with `emit` as it goes and returns the final result.
+StreamHandler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
 
 
 class CommandError(Exception):
@@ -123,17 +127,25 @@ async def serve_control(
                 req = await _read_request(stream)
                 cmd = req.get("cmd")
                 if cmd in stream_handlers:
-                    async for event in stream_handlers[cmd](req):
-                        await _send(stream, event)
+
+                    async def emit(event: dict[str, Any]) -> None:
+                        await _send(stream, {"event": "token", **event})
+
+                    result = await stream_handlers[cmd](req, emit)
                 elif cmd in handlers:
                     result = await handlers[cmd](req)
-                    await _send(stream, {"event": "result", "ok": True, "result": result})
                 else:
                     raise CommandError(f"unknown command {cmd!r}")
-            except CommandError as exc:
+                await _send(stream, {"event": "result", "ok": True, "result": result})
+            except (CommandError, ShardmeshError) as exc:
                 await _send_quietly(stream, {"event": "error", "ok": False, "error": str(exc)})
-            except trio.BrokenResourceError:
-                pass  # the CLI went away (Ctrl-C); its stream handler was cancelled with it
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the CLI went away (Ctrl-C); what it asked for was cancelled with it
+            except Exception as exc:  # a bug must not take the agent down with one request
+                log.exception("control command failed")
+                await _send_quietly(
+                    stream, {"event": "error", "ok": False, "error": f"internal error: {exc!r}"}
+                )
 
     if task_status is not None:
         task_status.started()

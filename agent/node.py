@@ -21,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import control
 from agent.config import AgentConfig
 from agent.devices import DeviceReport, discover
+from agent.errors import ShardmeshError
 from agent.identity import load_or_create_identity, private_seed
 from agent.mesh import Mesh, open_mesh
 from agent.peertable import PeerTable
+from agent.snapshot import PeerSpan
 from protocol import CapacityAd, DeviceSummary, encode_signed_ad
 from protocol.ids import CAPACITY_TOPIC, PROTOCOL_VERSION
 
@@ -36,6 +38,7 @@ log = logging.getLogger("shardmesh.agent")
 # still reaches us through the peers we have.
 TARGET_CONNECTIONS = 24
 LEAVE_GRACE_S = 1.0
+DEVICE_REFRESH_S = 5.0  # NVML/psutil readings in ads: fresh enough, and cheap
 
 
 @dataclass
@@ -62,6 +65,62 @@ class Node:
         self._dial_backoff: dict[str, float] = {}
         self._want_dial: list[CapacityAd] = []
         self.joined = trio.Event()
+        self._client_parts: Any = None
+        self._health: Any = None
+
+    # --- what the generation client needs (agent.client.MeshView) -----------------------
+    @property
+    def host(self) -> Any:
+        return self.mesh.host
+
+    @property
+    def self_id(self) -> str:
+        return self.mesh.peer_id
+
+    def spans(self, model_id: str) -> list[PeerSpan]:
+        self.table.expire(time.monotonic())
+        spans = self.table.spans_for(model_id)
+        s = self.serving
+        if s is not None and s.model_id == model_id and s.shard is not None:
+            spans.append(
+                PeerSpan(
+                    peer_id=self.self_id,
+                    start=s.span[0],
+                    end=s.span[1],
+                    throughput=s.throughput,
+                    state=self.info.state,
+                    sessions=s.active_sessions(),
+                    kv_free_tokens=s.kv_free_tokens(),
+                )
+            )
+        return spans
+
+    def known_models(self) -> dict[str, tuple[str | None, int | None]]:
+        models = self.table.models()
+        if self.serving is not None:
+            models[self.serving.model_id] = (self.serving.model_name, self.serving.n_blocks)
+        return models
+
+    async def generate(self, req: dict[str, Any], emit: control.Emit) -> Any:
+        """The control API's `generate`: imports torch on first use only."""
+        from agent.client import PeerHealth
+        from agent.generation import ClientParts, GenerateRequest, run_generation
+        from agent.modelresolve import resolve_model
+
+        request = GenerateRequest.from_json(req)
+        model_id, _ = resolve_model(request.model, self.known_models())
+        model_dir = request.model_dir
+        if model_dir is None and self.serving is not None and self.serving.model_id == model_id:
+            model_dir = self.cfg.model
+        if model_dir is None:
+            raise ShardmeshError(
+                f"this agent has no local checkpoint of {model_id}: pass --model-dir DIR"
+            )
+        if self._client_parts is None:
+            self._client_parts, self._health = ClientParts(), PeerHealth()
+        return await run_generation(
+            self, self._client_parts, request, model_id, model_dir, emit, health=self._health
+        )
 
     # --- ads ---------------------------------------------------------------------------
     def build_ad(self, state: str | None = None) -> CapacityAd:
@@ -76,7 +135,7 @@ class Node:
             model=serving.model_id if serving else None,
             model_name=serving.model_name if serving else None,
             n_blocks=serving.n_blocks if serving else None,
-            span=serving.span if serving else None,
+            span=serving.chosen_span() if serving else None,
             throughput=serving.throughput if serving else 0.0,
             kv_free_tokens=serving.kv_free_tokens() if serving else 0,
             sessions=serving.active_sessions() if serving else 0,
@@ -92,8 +151,11 @@ class Node:
         await self.mesh.publish(data)
 
     async def announce_loop(self) -> None:
+        refreshed = time.monotonic()
         while True:
-            self.info.devices = await trio.to_thread.run_sync(discover)
+            if time.monotonic() - refreshed >= DEVICE_REFRESH_S:
+                self.info.devices = await trio.to_thread.run_sync(discover)
+                refreshed = time.monotonic()
             try:
                 await self.publish_ad()
             except Exception as exc:  # a publish failure must not kill the agent
@@ -227,7 +289,7 @@ class Node:
                 e.ad.span for e in self.table if e.ad.model == model_id and e.ad.state == "online"
             ]
             if self.serving and self.serving.model_id == model_id and self.info.state == "online":
-                spans.append(self.serving.span)
+                spans.append(self.serving.chosen_span())
             for span in spans:
                 if span:
                     for b in range(span[0], min(span[1], n_blocks)):
@@ -282,28 +344,38 @@ async def run_agent(cfg: AgentConfig) -> None:
                     nursery.start_soon(node.bootstrap_loop, addr)
                 if not cfg.bootstrap:
                     node.joined.set()
-                if serving is not None:
-                    node.serving = serving
-                    await serving.start(node, nursery)
-                node.info.state, node.info.reason = "online", _reason(node)
-                nursery.start_soon(node.announce_loop)
                 await nursery.start(
                     control.serve_control,
                     cfg.control_socket,
                     {"status": _wrap(node.status), "peers": _wrap(node.peers)},
-                    serving.stream_handlers() if serving else {},
+                    {"generate": node.generate},
                 )
+                nursery.start_soon(node.announce_loop)
+                nursery.start_soon(_leave_on_signal, signals, node, nursery.cancel_scope)
+                if serving is not None:
+                    node.serving = serving
+                    # Ads say "joining" (with the chosen span) while the blocks load.
+                    await serving.start(node, nursery)
+                node.info.state, node.info.reason = "online", _reason(node)
+                await node.publish_ad()
                 log.info("agent online")
-                async for signum in signals:
-                    log.info("received %s, leaving the mesh", signal.Signals(signum).name)
-                    break
-                node.info.state = "leaving"
-                with trio.move_on_after(LEAVE_GRACE_S):
-                    await node.publish_ad("leaving")
-                    # Give gossip a heartbeat to carry the leaving ad before the host closes.
-                    await trio.sleep(0.3)
-                nursery.cancel_scope.cancel()
     log.info("agent stopped")
+
+
+async def _leave_on_signal(signals: Any, node: Node, scope: trio.CancelScope) -> None:
+    """SIGTERM/SIGINT at any point (also while blocks load): say goodbye, then stop."""
+    async for signum in signals:
+        log.info("received %s, leaving the mesh", signal.Signals(signum).name)
+        break
+    node.info.state = "leaving"
+    with trio.move_on_after(LEAVE_GRACE_S):
+        await node.publish_ad("leaving")
+        # Give gossip a heartbeat to carry the leaving ad before the host closes.
+        await trio.sleep(0.3)
+    # py-libp2p logs its own teardown races (tasks spawned into closing nurseries) as
+    # errors with tracebacks; they say nothing about our shutdown, which is orderly.
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    scope.cancel()
 
 
 def _reason(node: Node) -> str:

@@ -1,0 +1,446 @@
+"""Serving a span of model blocks to the mesh: load, place, sessions, the forward protocol.
+
+Imported only by agents started with `--model` (it imports torch). Every request is checked
+against the session and the limits before any work; a bad request gets an ErrorReply on its
+stream and changes nothing, and the agent keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from agent.config import AgentConfig
+from agent.errors import ShardmeshError
+from agent.modelinfo import ModelError, ModelInfo, block_param_bytes, read_model_info
+from agent.placement import blocks_that_fit, choose_span
+from agent.streamio import FramedStream, StreamGone
+from protocol import (
+    FORWARD_PROTOCOL_ID,
+    CloseSession,
+    ErrorReply,
+    FrameTooLarge,
+    OpenSession,
+    ProtocolError,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from agent.node import Node
+    from agent.shards.blocks import SessionCache, ShardModel
+
+log = logging.getLogger("shardmesh.serving")
+
+# Auto placement waits this many announce intervals to hear the mesh before choosing.
+PLACEMENT_LISTEN_INTERVALS = 2.5
+WRITE_TIMEOUT_S = 30.0
+WIRE_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class RequestRejected(Exception):
+    """A request that breaks a limit or does not fit: becomes an ErrorReply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    peer: str
+    start: int
+    end: int
+    max_length: int
+    batch: int
+    dtype: str
+    cache: SessionCache
+    reserved_bytes: int
+    opened: float
+    steps: int = 0
+
+
+class Serving:
+    """The serving part of one agent; created before the mesh starts, started inside it."""
+
+    protocol_id = FORWARD_PROTOCOL_ID
+
+    def __init__(self, cfg: AgentConfig, info: ModelInfo) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.shard: ShardModel | None = None
+        self.span: tuple[int, int] = (0, 0)  # meaningful once chosen_span() is not None
+        self._span_chosen = False
+        self.throughput = 0.0
+        self.kv_budget_bytes = 0
+        self.sessions: dict[str, Session] = {}
+        self._reserved = 0
+        self._compute = trio.CapacityLimiter(1)  # one forward at a time on the device
+        self.tokens_served = 0
+        self.errors_sent: dict[str, int] = {}
+
+    # --- set-up ---------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, cfg: AgentConfig) -> Serving:
+        assert cfg.model is not None
+        try:
+            info = read_model_info(cfg.model)
+        except ModelError as exc:
+            raise ShardmeshError(str(exc)) from None
+        span = cfg.block_range()
+        if span is not None and span[1] > info.n_blocks:
+            raise ShardmeshError(
+                f"--blocks {span[0]}:{span[1]} is outside {info.name}, which has "
+                f"{info.n_blocks} blocks"
+            )
+        return cls(cfg, info)
+
+    def chosen_span(self) -> tuple[int, int] | None:
+        return self.span if self._span_chosen else None
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    @property
+    def model_name(self) -> str:
+        return self.info.name
+
+    @property
+    def n_blocks(self) -> int:
+        return self.info.n_blocks
+
+    async def start(self, node: Node, nursery: trio.Nursery) -> None:
+        """Choose the span, load it, measure it, and open the forward protocol."""
+        device = _pick_device(self.cfg, node)
+        span = self.cfg.block_range()
+        if span is None:
+            span = await self._auto_place(node, device)
+        self.span, self._span_chosen = span, True
+        node.info.reason = f"loading blocks {span[0]}:{span[1]}"
+        log.info("loading blocks %d:%d of %s on %s", *span, self.info.name, device)
+        t0 = time.monotonic()
+        self.shard = await trio.to_thread.run_sync(self._load, device)
+        self.throughput = await trio.to_thread.run_sync(self.shard.measure_throughput)
+        self.kv_budget_bytes = _kv_budget(self.shard, self.cfg)
+        log.info(
+            "loaded in %.1f s; throughput %.0f blocks*tokens/s; KV budget %d tokens",
+            time.monotonic() - t0,
+            self.throughput,
+            self.kv_free_tokens(),
+        )
+        node.mesh.host.set_stream_handler(FORWARD_PROTOCOL_ID, self.handle_stream)
+        nursery.start_soon(self._reap_idle)
+
+    def _load(self, device: str) -> ShardModel:
+        import torch
+
+        from agent.shards.blocks import ShardModel
+
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            return ShardModel.load(
+                self.cfg.model, self.span[0], self.span[1], dtype=self.cfg.dtype, device=device
+            )
+        except ModelError as exc:
+            raise ShardmeshError(str(exc)) from None
+
+    async def _auto_place(self, node: Node, device: str) -> tuple[int, int]:
+        # Hear the mesh first (with jitter, so agents started together see each other's
+        # "joining" ads and spread out), then pick the span that fills the weakest coverage.
+        node.info.reason = "choosing blocks"
+        wait = self.cfg.announce_interval_s * PLACEMENT_LISTEN_INTERVALS
+        await trio.sleep(wait * random.uniform(0.5, 1.0))
+        budget = _memory_budget(device)
+        per_block = block_param_bytes(self.info, self.cfg.dtype)
+        capacity = max(1, blocks_that_fit(budget, per_block))
+        if self.cfg.max_blocks:
+            capacity = min(capacity, self.cfg.max_blocks)
+        me = node.mesh.peer_id
+        others = node.table.spans_for(self.model_id)
+        span = choose_span(others, self.n_blocks, capacity, self_id=me)
+        # Agents that chose at the same moment may have picked the same span: announce the
+        # choice, listen, and let the one with the higher peer id move (a few rounds at most).
+        for _ in range(3):
+            self.span, self._span_chosen = span, True
+            await node.publish_ad("joining")
+            await trio.sleep(self.cfg.announce_interval_s * 1.5)
+            others = node.table.spans_for(self.model_id)
+            clash = any(
+                (p.start, p.end) == span and p.peer_id < me and p.state in ("joining", "online")
+                for p in others
+            )
+            if not clash:
+                break
+            moved = choose_span(others, self.n_blocks, capacity, self_id=me)
+            if moved == span:
+                break
+            log.info("span %d:%d is also taken by a peer that chose first; moving", *span)
+            span = moved
+        log.info(
+            "auto placement: %d peers serve %s; room for %d blocks; chose %d:%d",
+            len(others),
+            self.info.name,
+            capacity,
+            *span,
+        )
+        return span
+
+    # --- accounting -----------------------------------------------------------------------
+    def _kv_bytes(self, start: int, end: int, tokens: int) -> int:
+        assert self.shard is not None
+        per_block = self.shard.kv_bytes_per_token() // max(1, self.shard.n_blocks)
+        return per_block * (end - start) * tokens
+
+    def kv_free_tokens(self) -> int:
+        if self.shard is None:
+            return 0
+        per_token = max(1, self.shard.kv_bytes_per_token())
+        return max(0, (self.kv_budget_bytes - self._reserved) // per_token)
+
+    def active_sessions(self) -> int:
+        return len(self.sessions)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "model_name": self.model_name,
+            "n_blocks": self.n_blocks,
+            "span": list(self.span) if self._span_chosen else None,
+            "loaded": self.shard is not None,
+            "sessions": len(self.sessions),
+            "throughput": round(self.throughput, 1),
+            "kv_free_tokens": self.kv_free_tokens(),
+            "tokens_served": self.tokens_served,
+            "dtype": self.cfg.dtype,
+            "device": str(self.shard.device) if self.shard else None,
+            "forward_errors": dict(self.errors_sent),
+        }
+
+    # --- the forward protocol -------------------------------------------------------------
+    async def handle_stream(self, stream: Any) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        framed = FramedStream(stream, max_frame=self.cfg.limits.max_frame_bytes)
+        session: Session | None = None
+        try:
+            while True:
+                with trio.move_on_after(self.cfg.limits.session_idle_timeout_s) as idle:
+                    try:
+                        msg = await framed.receive()
+                    except FrameTooLarge as exc:
+                        await self._reply_error(framed, "too_large", str(exc), None)
+                        continue
+                    except ProtocolError as exc:
+                        await self._reply_error(framed, exc.code, str(exc), None)
+                        continue
+                if idle.cancelled_caught:
+                    log.info("session of %s idle too long; closing", peer)
+                    return
+                if isinstance(msg, CloseSession):
+                    return
+                try:
+                    if isinstance(msg, OpenSession):
+                        if session is not None:
+                            raise RequestRejected("bad_request", "a session is already open")
+                        session = self.open_session(peer, msg)
+                        reply: Any = SessionOpened(
+                            session_id=session.id,
+                            max_length=session.max_length,
+                            kv_free_tokens=self.kv_free_tokens(),
+                        )
+                    elif isinstance(msg, Step):
+                        reply = await self.run_step(session, msg)
+                    else:
+                        raise RequestRejected("bad_request", f"unexpected {type(msg).__name__}")
+                except RequestRejected as exc:
+                    step = msg.step if isinstance(msg, Step) else None
+                    await self._reply_error(framed, exc.code, str(exc), step)
+                    continue
+                with trio.fail_after(WRITE_TIMEOUT_S):
+                    await framed.send(reply)
+        except (StreamGone, trio.TooSlowError) as exc:
+            log.debug("stream from %s ended: %s", peer, exc)
+        finally:
+            if session is not None:
+                self.close_session(session)
+            await framed.close()
+
+    async def _reply_error(
+        self, framed: FramedStream, code: str, message: str, step: int | None
+    ) -> None:
+        self.errors_sent[code] = self.errors_sent.get(code, 0) + 1
+        with trio.fail_after(WRITE_TIMEOUT_S):
+            await framed.send(ErrorReply(code=code, message=message[:1000], step=step))
+
+    def open_session(self, peer: str, msg: OpenSession) -> Session:
+        lim = self.cfg.limits
+        if self.shard is None:
+            raise RequestRejected("busy", "blocks are not loaded")
+        if msg.model_id != self.model_id:
+            raise RequestRejected(
+                "wrong_model", f"this peer serves {self.model_id}, not {msg.model_id}"
+            )
+        lo, hi = self.span
+        if not lo <= msg.start < msg.end <= hi:
+            raise RequestRejected(
+                "span_not_served", f"blocks {msg.start}:{msg.end} are not within {lo}:{hi}"
+            )
+        if msg.dtype not in WIRE_FLOAT_DTYPES:
+            # The wire dtype is the client's choice; blocks compute in the agent's --dtype.
+            raise RequestRejected(
+                "wrong_dtype", f"hidden states must be one of {WIRE_FLOAT_DTYPES}"
+            )
+        if msg.batch < 1 or msg.batch > lim.max_batch:
+            raise RequestRejected("bad_request", f"batch must be 1..{lim.max_batch}")
+        if msg.max_length < 1 or msg.max_length > lim.max_session_tokens:
+            raise RequestRejected(
+                "too_long", f"max_length must be 1..{lim.max_session_tokens} tokens"
+            )
+        if len(self.sessions) >= lim.max_sessions:
+            raise RequestRejected("too_many_sessions", f"{lim.max_sessions} sessions are open")
+        need = self._kv_bytes(msg.start, msg.end, msg.max_length * msg.batch)
+        if self._reserved + need > self.kv_budget_bytes:
+            raise RequestRejected(
+                "kv_budget",
+                f"not enough KV-cache memory for {msg.batch}x{msg.max_length} tokens "
+                f"({self.kv_free_tokens()} tokens free)",
+            )
+        session = Session(
+            id=secrets.token_hex(8),
+            peer=peer,
+            start=msg.start,
+            end=msg.end,
+            max_length=msg.max_length,
+            batch=msg.batch,
+            dtype=msg.dtype,
+            cache=self.shard.new_cache(),
+            reserved_bytes=need,
+            opened=time.monotonic(),
+        )
+        self._reserved += need
+        self.sessions[session.id] = session
+        log.debug("session %s opened by %s for blocks %d:%d", session.id, peer, msg.start, msg.end)
+        return session
+
+    def close_session(self, session: Session) -> None:
+        if self.sessions.pop(session.id, None) is not None:
+            self._reserved -= session.reserved_bytes
+            log.debug("session %s closed after %d steps", session.id, session.steps)
+
+    async def run_step(self, session: Session | None, msg: Step) -> StepResult:
+        from agent.shards.wire import WireError, from_frame, to_frame
+
+        if session is None:
+            raise RequestRejected("no_session", "open a session before sending steps")
+        t = msg.hidden
+        if t.dtype != session.dtype:
+            raise RequestRejected("wrong_dtype", f"hidden states must be {session.dtype}")
+        if (
+            len(t.shape) != 3
+            or t.shape[0] != session.batch
+            or t.shape[1] < 1
+            or (t.shape[2] != self.info.hidden_size)
+        ):
+            raise RequestRejected(
+                "wrong_shape",
+                f"hidden states must be [{session.batch}, tokens, {self.info.hidden_size}], "
+                f"got {list(t.shape)}",
+            )
+        if msg.position != session.cache.length:
+            raise RequestRejected(
+                "position",
+                f"step at position {msg.position}, but the session holds "
+                f"{session.cache.length} tokens",
+            )
+        if msg.position + t.shape[1] > session.max_length:
+            raise RequestRejected(
+                "too_long", f"positions beyond the session's max length {session.max_length}"
+            )
+        shard = self.shard
+        assert shard is not None
+        try:
+            hidden = from_frame(t, device=shard.device)
+        except WireError as exc:
+            raise RequestRejected("bad_request", str(exc)) from None
+        t0 = time.perf_counter()
+        try:
+            out = await trio.to_thread.run_sync(
+                self._forward, session, hidden, msg.position, limiter=self._compute
+            )
+        except ValueError as exc:
+            raise RequestRejected("bad_request", str(exc)) from None
+        except Exception as exc:  # a bug or device failure: report it, keep serving
+            log.exception("forward failed")
+            raise RequestRejected("internal", f"forward failed: {type(exc).__name__}") from None
+        session.steps += 1
+        self.tokens_served += t.shape[0] * t.shape[1]
+        elapsed = (time.perf_counter() - t0) * 1000
+        return StepResult(step=msg.step, hidden=to_frame(out), elapsed_ms=elapsed)
+
+    def _forward(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        assert self.shard is not None
+        out = self.shard.forward(session.cache, hidden, position, span=(session.start, session.end))
+        return out.to(hidden.dtype)
+
+    async def _reap_idle(self) -> None:
+        """Sessions whose stream handler is gone are freed there; this only logs load."""
+        while True:
+            await trio.sleep(30)
+            if self.sessions:
+                log.info(
+                    "%d sessions open, %d KV tokens free", len(self.sessions), self.kv_free_tokens()
+                )
+
+
+def _pick_device(cfg: AgentConfig, node: Node) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    # NVML indexes by PCI bus; make CUDA agree before torch initialises it.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    from agent.devices import best_cuda_device
+
+    report = node.info.devices
+    index = best_cuda_device(report) if report else None
+    if index is None:
+        return "cpu"
+    import torch
+
+    return f"cuda:{index}" if torch.cuda.is_available() else "cpu"
+
+
+def _memory_budget(device: str) -> int:
+    """Bytes this agent may spend on weights: 80% of the device's free memory."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.8)
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
+
+
+def _kv_budget(shard: ShardModel, cfg: AgentConfig) -> int:
+    if cfg.limits.kv_budget_tokens:
+        return cfg.limits.kv_budget_tokens * shard.kv_bytes_per_token()
+    if shard.device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(shard.device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(free * cfg.limits.kv_memory_fraction)
