@@ -29,7 +29,7 @@ def _one_line_error(out, code: int) -> str:
         (["up", "--blocks", "5:2"], "blocks"),
         (["up", "--listen", "/ip4/1.2.3/tcp/1"], "listen"),
         (["up", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "/p2p/"),
-        (["up", "--announce-interval", "-1"], "announce_interval_s"),
+        (["up", "--announce-interval", "-1"], "announce_interval"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -76,7 +76,7 @@ def test_config_precedence_defaults_file_flags(tmp_path: Path) -> None:
     assert cfg.limits.max_sessions == 3
     assert AgentConfig().mdns is True
     with pytest.raises(ConfigError):
-        load_config(None, {"ad_ttl_s": 1.0, "announce_interval_s": 5.0})
+        load_config(None, {"ad_ttl": 1.0, "announce_interval": 5.0})
 
 
 def test_status_without_daemon_exits_1(tmp_path: Path) -> None:
@@ -148,3 +148,29 @@ def cli_probe_imports(args: list[str]) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     return {m for m in last.split(",") if m}
+
+
+def test_example_config_loads_and_matches_defaults() -> None:
+    """The shipped example documents every key, all commented out: it must load as-is."""
+    example = Path(__file__).parent.parent / "systemd" / "config.example.toml"
+    assert load_config(example, {}) == load_config(None, {})
+    text = example.read_text()
+    for field in (
+        "state_dir",
+        "listen",
+        "bootstrap",
+        "mdns",
+        "log_level",
+        "announce_interval",
+        "ad_ttl",
+        "model",
+        "blocks",
+        "max_blocks",
+        "dtype",
+        "device",
+        "threads",
+        "max_sessions",
+        "max_session_tokens",
+        "kv_budget_tokens",
+    ):
+        assert f"# {field} =" in text, field
