@@ -45,6 +45,7 @@ from protocol import (
 if TYPE_CHECKING:
     from libp2p.abc import IHost
 
+    from agent.mesh import Mesh
     from agent.serving import Serving
     from agent.shards.head import ClientHead
 
@@ -70,10 +71,13 @@ class MeshView(Protocol):
     """What the client needs from whoever hosts it (the agent, or a standalone node)."""
 
     host: IHost
+    mesh: Mesh
     self_id: str
     serving: Serving | None
 
     def spans(self, model_id: str) -> list[PeerSpan]: ...
+
+    def peer_addrs(self, peer_id: str) -> list[str]: ...
 
 
 @dataclass
@@ -106,8 +110,9 @@ class HopError(Exception):
 class RemoteHop:
     """One session on one remote peer over one libp2p stream, kept for the whole session."""
 
-    def __init__(self, host: IHost, hop: Hop, cfg: ClientConfig, health: PeerHealth) -> None:
-        self.host = host
+    def __init__(self, view: MeshView, hop: Hop, cfg: ClientConfig, health: PeerHealth) -> None:
+        self.view = view
+        self.host = view.host
         self.peer_id, self.start, self.end = hop.peer_id, hop.start, hop.end
         self.cfg = cfg
         self.health = health
@@ -120,6 +125,10 @@ class RemoteHop:
         t0 = time.perf_counter()
         try:
             with trio.fail_after(self.cfg.open_timeout_s):
+                if not self.view.mesh.is_connected(self.peer_id):
+                    # Known from its ad but never dialled (a client that joined through
+                    # one bootstrap peer, say): connect at the addresses it advertises.
+                    await self.view.mesh.dial(self.view.peer_addrs(self.peer_id))
                 stream = await self.host.new_stream(
                     ID.from_base58(self.peer_id), [FORWARD_PROTOCOL_ID]
                 )
@@ -302,7 +311,7 @@ class RouteSession:
     def _make_hop(self, hop: Hop) -> RemoteHop | LocalHop:
         if hop.peer_id == self.view.self_id and self.view.serving is not None:
             return LocalHop(self.view.serving, hop, self.view.self_id, self.cfg)
-        return RemoteHop(self.view.host, hop, self.cfg, self.health)
+        return RemoteHop(self.view, hop, self.cfg, self.health)
 
     def _note_failure(self, exc: HopError) -> None:
         self.failovers += 1
@@ -494,6 +503,10 @@ class StandaloneView:
 
     def on_ad(self, ad: Any) -> None:
         self.table.update(ad, time.monotonic())
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        entry = self.table.get(peer_id)
+        return list(entry.ad.addrs) if entry else []
 
 
 @asynccontextmanager

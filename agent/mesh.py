@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +39,48 @@ from protocol.ids import CAPACITY_TOPIC
 log = logging.getLogger("shardmesh.mesh")
 
 DIAL_TIMEOUT_S = 5.0
+# Mesh degree: every extra mesh link delivers each ad once more, and in py-libp2p each
+# delivery costs milliseconds of CPU (measured in the note); 4/3/6 still heals a lost link.
+GOSSIP_DEGREE, GOSSIP_DEGREE_LOW, GOSSIP_DEGREE_HIGH = 4, 3, 6
+_SIGNED_RECORD_CACHE_SIZE = 4096
+
+
+def _install_signed_record_cache() -> None:
+    """Verify each peer's signed peer record once, not on every gossip RPC.
+
+    py-libp2p attaches the sender's signed peer record to every pubsub RPC and verifies it
+    (an Ed25519 check plus protobuf parsing) on every one received; the bytes repeat until
+    the sender's addresses change. The result for the same (sender, bytes) cannot change,
+    so remember it. The modules imported the function by name, so rebind it there.
+    """
+    import libp2p.pubsub.floodsub as floodsub_mod
+    import libp2p.pubsub.gossipsub as gossipsub_mod
+    import libp2p.pubsub.pubsub as pubsub_mod
+    import libp2p.pubsub.utils as utils_mod
+
+    original = utils_mod.maybe_consume_signed_record
+    if getattr(original, "_shardmesh_cached", False):
+        return
+    seen: OrderedDict[tuple[bytes, bytes], bool] = OrderedDict()
+
+    def cached(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        key = (peer_id.to_bytes(), bytes(msg.senderRecord))
+        hit = seen.get(key)
+        if hit is not None:
+            seen.move_to_end(key)
+            return hit
+        ok = original(msg, host, peer_id)
+        seen[key] = ok
+        if len(seen) > _SIGNED_RECORD_CACHE_SIZE:
+            seen.popitem(last=False)
+        return ok
+
+    cached._shardmesh_cached = True  # type: ignore[attr-defined]
+    for mod in (utils_mod, pubsub_mod, gossipsub_mod, floodsub_mod):
+        if hasattr(mod, "maybe_consume_signed_record"):
+            mod.maybe_consume_signed_record = cached
 
 
 def make_host(key_pair: KeyPair, *, mdns: bool) -> IHost:
@@ -55,9 +97,9 @@ def make_host(key_pair: KeyPair, *, mdns: bool) -> IHost:
 def make_router() -> GossipSub:
     return GossipSub(
         protocols=[PROTOCOL_ID_V11],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
+        degree=GOSSIP_DEGREE,
+        degree_low=GOSSIP_DEGREE_LOW,
+        degree_high=GOSSIP_DEGREE_HIGH,
         heartbeat_interval=1,
         heartbeat_initial_delay=0.1,
         spam_protection_enabled=False,
@@ -85,6 +127,8 @@ class Mesh:
         self._accepted: OrderedDict[bytes, CapacityAd] = OrderedDict()
         self.bytes_in = 0
         self.bytes_out = 0
+        # Publish-to-validate delay of recent ads (gossip latency, clocks permitting).
+        self.ad_delays_ms: deque[float] = deque(maxlen=256)
 
     # --- addresses -----------------------------------------------------------------------
     def listen_addrs(self) -> list[str]:
@@ -102,8 +146,9 @@ class Mesh:
         try:
             ad = self.validator.check(bytes(msg.data), sender=sender, now=time.time())
         except AdRejected as exc:
-            log.debug("rejected ad from %s via %s: %s", sender, forwarder, exc.reason)
+            log.debug("rejected ad from %s via %s: %s (%s)", sender, forwarder, exc.reason, exc)
             return False
+        self.ad_delays_ms.append((time.time() - ad.timestamp) * 1000)
         self._accepted[_msg_key(msg)] = ad
         while len(self._accepted) > 1024:
             self._accepted.popitem(last=False)
@@ -122,6 +167,11 @@ class Mesh:
             ad = self._accepted.pop(_msg_key(msg), None)
             if ad is not None:
                 on_ad(ad)
+
+    def gossip_mesh_size(self) -> int:
+        """Peers this node forwards capacity ads to directly (its gossipsub mesh)."""
+        router = self.pubsub.router
+        return len(getattr(router, "mesh", {}).get(CAPACITY_TOPIC, ()))
 
     # --- connections -------------------------------------------------------------------
     def is_connected(self, peer_id: str) -> bool:
@@ -181,6 +231,7 @@ def _expand_wildcard(addr: str) -> list[str]:
 @asynccontextmanager
 async def open_mesh(cfg: AgentConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
     """Start the host listening on cfg.listen and join the capacity topic."""
+    _install_signed_record_cache()
     host = make_host(key_pair, mdns=cfg.mdns)
     router = make_router()
     pubsub = Pubsub(host, router, strict_signing=True, seen_ttl=120)

@@ -9,6 +9,7 @@ serves nothing never imports torch.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import signal
 import time
@@ -39,6 +40,12 @@ log = logging.getLogger("shardmesh.agent")
 TARGET_CONNECTIONS = 24
 LEAVE_GRACE_S = 1.0
 DEVICE_REFRESH_S = 5.0  # NVML/psutil readings in ads: fresh enough, and cheap
+# Mesh-wide capacity ads per second we aim to stay under. py-libp2p's gossipsub delivered
+# ads in ~25-80 ms at up to ~6 ads/s mesh-wide on a 2-core box, but at 17 ads/s (17 agents
+# announcing every second) delivery fell to seconds and tables flapped (see the note).
+# So each agent stretches its interval as the mesh grows, and its TTL with it.
+MESH_AD_RATE = 5.0
+TTL_PER_INTERVAL = 4.0
 
 
 @dataclass
@@ -64,6 +71,8 @@ class Node:
         self._seq = int(time.time() * 1000)
         self._dial_backoff: dict[str, float] = {}
         self._want_dial: list[CapacityAd] = []
+        # Peers mDNS found on the LAN, pushed from zeroconf's thread: (peer id, addrs).
+        self.discovered: queue.SimpleQueue[tuple[str, list[str]]] = queue.SimpleQueue()
         self.joined = trio.Event()
         self._client_parts: Any = None
         self._health: Any = None
@@ -94,6 +103,10 @@ class Node:
                 )
             )
         return spans
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        entry = self.table.get(peer_id)
+        return list(entry.ad.addrs) if entry else []
 
     def known_models(self) -> dict[str, tuple[str | None, int | None]]:
         models = self.table.models()
@@ -142,9 +155,15 @@ class Node:
             state=state or self.info.state,
             seq=self._seq,
             timestamp=time.time(),
-            ttl=self.cfg.ad_ttl_s,
+            ttl=self.ad_ttl(),
             reason=self.info.reason,
         )
+
+    def announce_interval(self) -> float:
+        return max(self.cfg.announce_interval, (len(self.table) + 1) / MESH_AD_RATE)
+
+    def ad_ttl(self) -> float:
+        return max(self.cfg.ad_ttl, TTL_PER_INTERVAL * self.announce_interval())
 
     async def publish_ad(self, state: str | None = None) -> None:
         data = encode_signed_ad(self.build_ad(state), self.key)
@@ -161,7 +180,7 @@ class Node:
             except Exception as exc:  # a publish failure must not kill the agent
                 log.warning("publishing the capacity ad failed: %s", exc)
             # Jitter keeps many agents started together from publishing in lockstep.
-            await trio.sleep(self.cfg.announce_interval_s * random.uniform(0.9, 1.1))
+            await trio.sleep(self.announce_interval() * random.uniform(0.9, 1.1))
 
     # --- peers -------------------------------------------------------------------------
     def on_ad(self, ad: CapacityAd) -> None:
@@ -180,23 +199,37 @@ class Node:
                 self.mesh.validator.forget(pid)
             await trio.sleep(0.25)
 
+    def on_mdns_peer(self, info: Any) -> None:
+        """libp2p's mDNS listener only fills the peerstore; queue the peer for a dial.
+        Called from zeroconf's thread, hence the thread-safe queue."""
+        pid = info.peer_id.to_base58()
+        if pid != self.mesh.peer_id:
+            self.discovered.put((pid, [f"{a}/p2p/{pid}" for a in info.addrs]))
+
     async def peer_exchange_loop(self) -> None:
-        """Dial peers learned from ads (peer exchange through the mesh), with backoff."""
+        """Dial peers learned from ads (peer exchange through the mesh) or mDNS, with backoff."""
         while True:
             await trio.sleep(0.2)
-            pending, self._want_dial = self._want_dial, []
+            pending: dict[str, list[str]] = {}
+            while not self.discovered.empty():
+                pid, addrs = self.discovered.get_nowait()
+                pending[pid] = addrs
+            wanted, self._want_dial = self._want_dial, []
+            pending.update({ad.peer_id: list(ad.addrs) for ad in wanted})
             now = time.monotonic()
-            for ad in {a.peer_id: a for a in pending}.values():
+            for pid, addrs in pending.items():
                 if len(self.mesh.connected_peers()) >= TARGET_CONNECTIONS:
                     break
-                if self._dial_backoff.get(ad.peer_id, 0) > now or not ad.addrs:
+                if self._dial_backoff.get(pid, 0) > now or not addrs:
+                    continue
+                if self.mesh.is_connected(pid):
                     continue
                 try:
-                    await self.mesh.dial(list(ad.addrs))
-                    self._dial_backoff.pop(ad.peer_id, None)
+                    await self.mesh.dial(addrs)
+                    self._dial_backoff.pop(pid, None)
                 except ConnectionError as exc:
-                    log.debug("peer exchange dial failed: %s", exc)
-                    self._dial_backoff[ad.peer_id] = now + 10.0
+                    log.debug("dial of discovered peer failed: %s", exc)
+                    self._dial_backoff[pid] = now + 10.0
 
     async def bootstrap_loop(self, addr: str) -> None:
         """Keep a connection to one bootstrap peer, retrying with capped exponential backoff."""
@@ -213,7 +246,7 @@ class Node:
                 except ConnectionError as exc:
                     log.warning("bootstrap peer unreachable, retrying in %.1f s: %s", delay, exc)
                     await trio.sleep(delay)
-                    delay = min(delay * 2, self.cfg.bootstrap_retry_max_s)
+                    delay = min(delay * 2, self.cfg.bootstrap_retry_max)
                     continue
             self.joined.set()
             await trio.sleep(2.0)
@@ -238,6 +271,8 @@ class Node:
             "known_peers": len(self.table),
             "gossip_bytes_in": self.mesh.bytes_in,
             "gossip_bytes_out": self.mesh.bytes_out,
+            "ad_delay_ms": _percentiles(self.mesh.ad_delays_ms),
+            "gossip_mesh_peers": self.mesh.gossip_mesh_size(),
         }
         if self.serving:
             result.update(self.serving.status())
@@ -306,6 +341,17 @@ class Node:
         return out
 
 
+def _percentiles(values: Any) -> dict[str, float] | None:
+    data = sorted(values)
+    if not data:
+        return None
+    return {
+        "p50": round(data[len(data) // 2], 1),
+        "p90": round(data[int(len(data) * 0.9)], 1),
+        "max": round(data[-1], 1),
+    }
+
+
 def _device_dict(d: DeviceSummary) -> dict[str, Any]:
     return {
         "kind": d.kind,
@@ -332,6 +378,10 @@ async def run_agent(cfg: AgentConfig) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_mesh(cfg, key_pair) as mesh:
             node = Node(cfg, mesh, signing_key)
+            if cfg.mdns:
+                from libp2p.discovery.events.peerDiscovery import peerDiscovery
+
+                peerDiscovery.register_peer_discovered_handler(node.on_mdns_peer)
             node.info.devices = await trio.to_thread.run_sync(discover)
             log.info("peer id %s", mesh.peer_id)
             for addr in mesh.listen_addrs():

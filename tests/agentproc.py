@@ -58,23 +58,21 @@ class Agent:
         return self.state_dir / "control.sock"
 
     def start(self, ready_timeout: float = 60.0) -> Agent:
+        self.launch()
+        return self.wait_ready(ready_timeout)
+
+    def launch(self) -> None:
+        """Start the process; flags in self.args come last, so they override these."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child for its lifetime
-        cmd = [
-            *SHARDMESH,
-            "up",
-            "--state-dir",
-            str(self.state_dir),
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            *FAST_GOSSIP,
-            *self.args,
-        ]
+        cmd = [*SHARDMESH, "up", "--state-dir", str(self.state_dir), "--no-mdns"]
+        cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", *FAST_GOSSIP, *self.args]
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
         )
         log.close()
+
+    def wait_ready(self, ready_timeout: float) -> Agent:
         status = wait_for(self._ready, ready_timeout, f"agent {self.state_dir.name} to answer")
         self.peer_id = status["peer_id"]
         self.addrs = status["addrs"]
@@ -134,6 +132,22 @@ class Agent:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)
+
+
+def start_many(agents: Sequence[Agent], ready_timeout: float = 180.0) -> None:
+    """Start processes together (they import torch in parallel), then wait for each."""
+    for a in agents:
+        a.launch()
+    for a in agents:
+        a.wait_ready(ready_timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_all(agents: Sequence[Agent]) -> None:

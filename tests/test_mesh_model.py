@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
-from agentproc import Agent, cli, stop_all, wait_for
+from agentproc import Agent, cli, start_many, stop_all, wait_for
 from hfref import full_step, hf_generate, load_full
 
 from agent.client import ClientConfig, PeerHealth, RemoteHop, generate_ids, open_standalone
@@ -26,13 +26,17 @@ from agent.shards.tiny import ensure_tiny_model
 TOL = 1e-5
 PROMPT_LEN = 12  # longer than the tiny qwen2's sliding window (8)
 DECODE_STEPS = 20
+# Two agents per family (each agent process imports torch and transformers: ~7 s of CPU,
+# so the module keeps their number down); llama's second span is served twice, for the
+# failover test, which runs last.
 SPANS = {
-    "llama": [(0, 2), (2, 4), (4, 6)],
-    "qwen3": [(0, 2), (2, 4), (4, 6)],
-    "gpt2": [(0, 2), (2, 4), (4, 6)],
+    "llama": [(0, 3), (3, 6)],
+    "qwen3": [(0, 2), (2, 6)],
+    "gpt2": [(0, 4), (4, 6)],
     "mistral": [(0, 3), (3, 6)],
     "qwen2": [(0, 4), (4, 6)],
 }
+REPLICA = ("llama", 1)  # llama's span 1 is also served by agent "llama2"
 GENERATE_FAMILIES = ("llama", "qwen3", "gpt2")
 
 
@@ -58,36 +62,6 @@ class Mesh:
         return agent
 
 
-def _start_many(agents: list[Agent]) -> None:
-    """Start processes together (they load torch in parallel), then wait for each."""
-    import os
-    import subprocess
-
-    from agentproc import FAST_GOSSIP, SHARDMESH
-
-    for a in agents:
-        a.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(a.log_path, "ab")  # noqa: SIM115
-        cmd = [
-            *SHARDMESH,
-            "up",
-            "--state-dir",
-            str(a.state_dir),
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            *FAST_GOSSIP,
-            *a.args,
-        ]
-        a.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **a.env}
-        )
-        log.close()
-    for a in agents:
-        status = wait_for(a._ready, 180, f"agent {a.state_dir.name} to come online")
-        a.peer_id, a.addrs = status["peer_id"], status["addrs"]
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mm")
@@ -95,8 +69,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
     try:
         for family in SPANS:
             m.models[family] = ensure_tiny_model(family, root / "models")
-        # The failover model: blocks 3:6 served twice.
-        m.models["failover"] = ensure_tiny_model("llama", root / "models", seed=7)
         # A model with a hole: nobody serves blocks 3:6.
         m.models["holey"] = ensure_tiny_model("llama", root / "models", seed=9)
         first_family = next(iter(SPANS))
@@ -108,12 +80,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
                 if family == first_family and i == 0:
                     continue
                 rest.append(m.start(f"{family}{i}", m.models[family], span))
-        fo = m.models["failover"]
-        rest += [m.start("fo0", fo, (0, 3)), m.start("fo1", fo, (3, 6)), m.start("fo2", fo, (3, 6))]
+        family, i = REPLICA
+        rest.append(m.start(f"{family}2", m.models[family], SPANS[family][i]))
         rest.append(m.start("holey0", m.models["holey"], (0, 3)))
-        _start_many(rest)
+        start_many(rest)
         n_agents = len(m.all)
-        wait_for(lambda: len(m.entry.peer_ids()) == n_agents - 1, 60, "the mesh to form")
+        wait_for(lambda: len(m.entry.peer_ids()) == n_agents - 1, 120, "the mesh to form")
         yield m
     finally:
         stop_all(m.all)
@@ -148,7 +120,7 @@ async def test_spans_on_agents_match_local_model(mesh: Mesh, family: str) -> Non
                 hops = []
                 for i, (s, e) in enumerate(spans):
                     peer = _agent(mesh, f"{family}{i}").peer_id
-                    hop = RemoteHop(view.host, Hop(peer, s, e), ClientConfig(), PeerHealth())
+                    hop = RemoteHop(view, Hop(peer, s, e), ClientConfig(), PeerHealth())
                     await hop.open(model_id, PROMPT_LEN + DECODE_STEPS, batch)
                     hops.append(hop)
                 try:
@@ -210,9 +182,8 @@ def test_generate_cli_equals_hf_generate(mesh: Mesh, family: str) -> None:
     assert result["failovers"] == 0
     route = result["route"]
     assert [tuple(r["span"]) for r in route] == SPANS[family]
-    assert {r["peer_id"] for r in route} == {
-        _agent(mesh, f"{family}{i}").peer_id for i in range(len(SPANS[family]))
-    }
+    serving = [a.peer_id for a in mesh.all if a.state_dir.name.startswith(family)]
+    assert all(r["peer_id"] in serving for r in route)
     assert result["prefill_s"] > 0 and result["decode_tokens_per_s"] > 0
 
 
@@ -335,11 +306,11 @@ def test_generate_without_daemon_exits_1(tmp_path: Path) -> None:
 async def test_failover_mid_generation_gives_the_same_tokens(mesh: Mesh) -> None:
     """SIGKILL the peer in use for blocks 3:6 after a few tokens: the client re-routes that
     span to the replica, replays its inputs, and the tokens equal generate()."""
-    model_dir = mesh.models["failover"]
+    model_dir = mesh.models["llama"]
     prompt = [9, 8, 7, 6, 5, 4]
     want = hf_generate(load_full(model_dir), prompt, 24)
     head = ClientHead.load(model_dir, dtype="float32", device="cpu")
-    replicas = [_agent(mesh, "fo1"), _agent(mesh, "fo2")]
+    replicas = [_agent(mesh, "llama1"), _agent(mesh, "llama2")]
     killed: list[Agent] = []
 
     async def on_token(token: int) -> None:
@@ -367,4 +338,5 @@ async def test_failover_mid_generation_gives_the_same_tokens(mesh: Mesh) -> None
     assert result.failovers == 1
     survivor = next(a for a in replicas if a is not killed[0])
     assert any(r["peer_id"] == survivor.peer_id and r["span"] == [3, 6] for r in result.route)
+    assert "Traceback" not in survivor.log()
     assert all(r["peer_id"] != killed[0].peer_id for r in result.route)

@@ -63,7 +63,7 @@ async def test_bad_requests_get_errors_and_change_nothing(served) -> None:
     pos = 0
 
     def new_hop(view) -> RemoteHop:
-        return RemoteHop(view.host, Hop(agent.peer_id, *SPAN), ClientConfig(), PeerHealth())
+        return RemoteHop(view, Hop(agent.peer_id, *SPAN), ClientConfig(), PeerHealth())
 
     async with open_standalone([agent.addrs[0]]) as view:
         session = new_hop(view)
