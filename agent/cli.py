@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     up.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
     up.add_argument("--control", type=Path, help="control socket path")
-    up.add_argument("--announce-interval", type=float, dest="announce_interval_s", metavar="S")
-    up.add_argument("--ad-ttl", type=float, dest="ad_ttl_s", metavar="S")
+    up.add_argument("--announce-interval", type=float, metavar="S")
+    up.add_argument("--ad-ttl", type=float, metavar="S")
     up.add_argument("--model", type=Path, metavar="DIR", help="Hugging Face checkpoint dir")
     up.add_argument("--blocks", metavar="START:END|auto")
     up.add_argument("--max-blocks", type=int, help="with --blocks auto: serve at most N blocks")
@@ -121,8 +121,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "log_json": args.log_json,
         "control": args.control,
-        "announce_interval_s": args.announce_interval_s,
-        "ad_ttl_s": args.ad_ttl_s,
+        "announce_interval": args.announce_interval,
+        "ad_ttl": args.ad_ttl,
         "model": args.model,
         "blocks": args.blocks,
         "dtype": args.dtype,

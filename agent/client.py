@@ -288,8 +288,10 @@ class RouteSession:
                 plan = self._plan(start, end)
             except NoRoute as exc:
                 if time.monotonic() >= deadline:
+                    avoided = len(self.health.avoid())
+                    extra = f" ({avoided} peers avoided after failures)" if avoided else ""
                     raise GenerationError(
-                        f"model {self.model_id} is not fully served: {exc}"
+                        f"model {self.model_id} is not fully served: {exc}{extra}"
                     ) from None
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -498,7 +500,7 @@ class StandaloneView:
         self.table = PeerTable(mesh.peer_id)
 
     def spans(self, model_id: str) -> list[PeerSpan]:
-        self.table.expire(time.monotonic())
+        self.table.expire(time.monotonic(), self.mesh.is_connected)
         return self.table.spans_for(model_id)
 
     def on_ad(self, ad: Any) -> None:

@@ -52,7 +52,7 @@ class LimitsConfig:
     max_session_tokens: int = 4096
     max_batch: int = 16
     max_frame_bytes: int = 64 * 1024 * 1024
-    session_idle_timeout_s: float = 120.0
+    session_idle_timeout: float = 120.0
     # Fraction of the device's free memory (after loading blocks) the KV caches may use.
     kv_memory_fraction: float = 0.5
     # A fixed KV-cache budget in tokens (over the served span) instead; 0 = from memory.
@@ -68,9 +68,9 @@ class AgentConfig:
     log_level: str = "info"
     log_json: bool = False
     control: Path | None = None
-    announce_interval_s: float = 5.0
-    ad_ttl_s: float = 20.0
-    bootstrap_retry_max_s: float = 30.0
+    announce_interval: float = 5.0  # seconds; stretched as the mesh grows (node.py)
+    ad_ttl: float = 20.0  # seconds
+    bootstrap_retry_max: float = 30.0
     # Serving (issue: sharded blocks). None model = a node that only relays and routes.
     model: Path | None = None
     blocks: str = "auto"
@@ -190,11 +190,11 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError(f"device: expected auto, cpu or cuda:N, got {cfg.device!r}")
     if not cfg.listen:
         raise ConfigError("listen: at least one address is needed")
-    for key in ("announce_interval_s", "ad_ttl_s", "bootstrap_retry_max_s"):
+    for key in ("announce_interval", "ad_ttl", "bootstrap_retry_max"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive")
-    if cfg.ad_ttl_s < cfg.announce_interval_s:
-        raise ConfigError("ad_ttl_s: must be at least announce_interval_s")
+    if cfg.ad_ttl < cfg.announce_interval:
+        raise ConfigError("ad_ttl: must be at least announce_interval")
     if cfg.threads < 0:
         raise ConfigError("threads: must be 0 (auto) or positive")
     if cfg.max_blocks < 0:
@@ -208,8 +208,8 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError("limits.kv_memory_fraction: must be in (0, 1]")
     if lim.kv_budget_tokens < 0:
         raise ConfigError("limits.kv_budget_tokens: must be 0 (from memory) or positive")
-    if lim.session_idle_timeout_s <= 0:
-        raise ConfigError("limits.session_idle_timeout_s: must be positive")
+    if lim.session_idle_timeout <= 0:
+        raise ConfigError("limits.session_idle_timeout: must be positive")
     from agent.multiaddrs import check_multiaddr
 
     for key in ("listen", "bootstrap"):

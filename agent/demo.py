@@ -109,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 first_addr = status["addrs"][0]
         _wait(lambda: all(_online(s) for s in socks), READY_TIMEOUT_S, "waiting for agents", procs)
         _wait(lambda: _covered(socks[0], info.model_id), 30, "waiting for full coverage", procs)
-        _say(f"generating through the mesh: {PROMPT!r}", quiet)
+        _say(f"generating through the mesh: {PROMPT!r} (random weights: expect nonsense)", quiet)
         result = None
         if not quiet:
             sys.stdout.write(f"\n{PROMPT}")
@@ -136,6 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"{render.short_id(r['peer_id'])} blocks {r['span'][0]}:{r['span'][1]}"
                 for r in result["route"]
             )
+            sys.stdout.write(f"token ids: {result['token_ids']}\n")
             sys.stdout.write(f"route: client -> {route}\n")
             sys.stdout.write(
                 f"{len(result['token_ids'])} tokens, prefill {result['prefill_s'] * 1000:.0f} ms, "

@@ -87,7 +87,7 @@ class Node:
         return self.mesh.peer_id
 
     def spans(self, model_id: str) -> list[PeerSpan]:
-        self.table.expire(time.monotonic())
+        self.table.expire(time.monotonic(), self.mesh.is_connected)
         spans = self.table.spans_for(model_id)
         s = self.serving
         if s is not None and s.model_id == model_id and s.shard is not None:
@@ -194,7 +194,7 @@ class Node:
 
     async def expire_loop(self) -> None:
         while True:
-            for pid in self.table.expire(time.monotonic()):
+            for pid in self.table.expire(time.monotonic(), self.mesh.is_connected):
                 log.info("peer expired: %s", pid)
                 self.mesh.validator.forget(pid)
             await trio.sleep(0.25)

@@ -7,7 +7,7 @@ clock, so a peer with a skewed clock cannot keep a stale entry alive.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from agent.snapshot import PeerSpan
@@ -44,9 +44,18 @@ class PeerTable:
     def remove(self, peer_id: str) -> None:
         self._entries.pop(peer_id, None)
 
-    def expire(self, now: float) -> list[str]:
-        """Drop entries past their TTL; returns the dropped peer ids."""
-        gone = [pid for pid, e in self._entries.items() if e.expires() <= now]
+    def expire(self, now: float, connected: Callable[[str], bool] | None = None) -> list[str]:
+        """Drop entries past their TTL; returns the dropped peer ids.
+
+        A peer we still hold a live connection to gets one more TTL of grace: its ads may
+        just be late (gossip under load), while a dead peer's connection closes at once.
+        """
+        gone = [
+            pid
+            for pid, e in self._entries.items()
+            if e.expires() <= now
+            and not (connected is not None and e.expires() + e.ad.ttl > now and connected(pid))
+        ]
         for pid in gone:
             del self._entries[pid]
         return gone

@@ -161,7 +161,7 @@ class Serving:
         # Hear the mesh first (with jitter, so agents started together see each other's
         # "joining" ads and spread out), then pick the span that fills the weakest coverage.
         node.info.reason = "choosing blocks"
-        wait = self.cfg.announce_interval_s * PLACEMENT_LISTEN_INTERVALS
+        wait = self.cfg.announce_interval * PLACEMENT_LISTEN_INTERVALS
         await trio.sleep(wait * random.uniform(0.5, 1.0))
         budget = _memory_budget(device)
         per_block = block_param_bytes(self.info, self.cfg.dtype)
@@ -176,7 +176,7 @@ class Serving:
         for _ in range(3):
             self.span, self._span_chosen = span, True
             await node.publish_ad("joining")
-            await trio.sleep(self.cfg.announce_interval_s * 1.5)
+            await trio.sleep(self.cfg.announce_interval * 1.5)
             others = node.table.spans_for(self.model_id)
             clash = any(
                 (p.start, p.end) == span and p.peer_id < me and p.state in ("joining", "online")
@@ -236,7 +236,7 @@ class Serving:
         session: Session | None = None
         try:
             while True:
-                with trio.move_on_after(self.cfg.limits.session_idle_timeout_s) as idle:
+                with trio.move_on_after(self.cfg.limits.session_idle_timeout) as idle:
                     try:
                         msg = await framed.receive()
                     except FrameTooLarge as exc:

@@ -1,0 +1,62 @@
+"""The peer table: expiry on our clock, leaving ads, connected grace."""
+
+from __future__ import annotations
+
+from agent.peertable import PeerTable
+from protocol import CapacityAd
+
+
+def _ad(peer: str, state: str = "online", ttl: float = 10.0) -> CapacityAd:
+    return CapacityAd(
+        version="1.0.0",
+        peer_id=peer,
+        addrs=(),
+        devices=(),
+        model="m@1",
+        model_name="m",
+        n_blocks=4,
+        span=(0, 2),
+        throughput=1.0,
+        kv_free_tokens=5,
+        sessions=0,
+        state=state,
+        seq=1,
+        timestamp=0.0,
+        ttl=ttl,
+    )
+
+
+def test_join_expire_leave() -> None:
+    t = PeerTable("me")
+    assert t.update(_ad("a"), now=0.0) == "joined"
+    assert t.update(_ad("a"), now=5.0) is None  # refreshed, not new
+    assert t.update(_ad("me"), now=5.0) is None  # our own ad never enters the table
+    assert t.expire(14.9) == [] and len(t) == 1  # 10 s after the last ad, not the first
+    assert t.expire(15.0) == ["a"] and len(t) == 0
+    t.update(_ad("b"), now=0.0)
+    assert t.update(_ad("b", state="leaving"), now=1.0) == "left"
+    assert len(t) == 0
+    assert t.update(_ad("c", state="leaving"), now=1.0) is None  # unknown peer leaving
+
+
+def test_connected_peer_gets_one_more_ttl() -> None:
+    t = PeerTable("me")
+    t.update(_ad("a"), now=0.0)
+    t.update(_ad("b"), now=0.0)
+    connected = {"a"}.__contains__
+    assert t.expire(12.0, connected) == ["b"]  # b is gone; a is still connected
+    assert t.expire(19.9, connected) == []
+    assert t.expire(20.0, connected) == ["a"]  # two TTLs without an ad: gone anyway
+
+
+def test_spans_and_models_snapshot() -> None:
+    t = PeerTable("me")
+    t.update(_ad("a"), now=0.0)
+    t.update(_ad("b", state="draining"), now=0.0)
+    spans = t.spans_for("m@1")
+    assert {(s.peer_id, s.state, s.start, s.end) for s in spans} == {
+        ("a", "online", 0, 2),
+        ("b", "draining", 0, 2),
+    }
+    assert t.spans_for("other") == []
+    assert t.models() == {"m@1": ("m", 4)}
