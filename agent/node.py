@@ -170,17 +170,23 @@ class Node:
         await self.mesh.publish(data)
 
     async def announce_loop(self) -> None:
+        """Publish an ad every interval, on deadlines: a slow publish or device scan must
+        not stretch the period (peers would see the ad late and expire us)."""
         refreshed = time.monotonic()
+        deadline = trio.current_time()
         while True:
             if time.monotonic() - refreshed >= DEVICE_REFRESH_S:
                 self.info.devices = await trio.to_thread.run_sync(discover)
                 refreshed = time.monotonic()
-            try:
-                await self.publish_ad()
-            except Exception as exc:  # a publish failure must not kill the agent
-                log.warning("publishing the capacity ad failed: %s", exc)
+            interval = self.announce_interval()
+            with trio.move_on_after(interval):
+                try:
+                    await self.publish_ad()
+                except Exception as exc:  # a publish failure must not kill the agent
+                    log.warning("publishing the capacity ad failed: %s", exc)
             # Jitter keeps many agents started together from publishing in lockstep.
-            await trio.sleep(self.announce_interval() * random.uniform(0.9, 1.1))
+            deadline = max(deadline + interval * random.uniform(0.9, 1.1), trio.current_time())
+            await trio.sleep_until(deadline)
 
     # --- peers -------------------------------------------------------------------------
     def on_ad(self, ad: CapacityAd) -> None:
@@ -193,7 +199,11 @@ class Node:
             self._want_dial.append(ad)
 
     async def expire_loop(self) -> None:
+        last_trim = time.monotonic()
         while True:
+            if time.monotonic() - last_trim > 60:
+                self.mesh.trim_router_state()
+                last_trim = time.monotonic()
             for pid in self.table.expire(time.monotonic(), self.mesh.is_connected):
                 log.info("peer expired: %s", pid)
                 self.mesh.validator.forget(pid)
