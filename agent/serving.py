@@ -104,6 +104,12 @@ class Serving:
                 f"--blocks {span[0]}:{span[1]} is outside {info.name}, which has "
                 f"{info.n_blocks} blocks"
             )
+        if cfg.threads:
+            import torch
+
+            # Here, on the main thread before any worker exists: the forward runs in trio's
+            # worker threads, and OpenMP takes a thread's team size from where it was set.
+            torch.set_num_threads(cfg.threads)
         return cls(cfg, info)
 
     def chosen_span(self) -> tuple[int, int] | None:
@@ -144,12 +150,8 @@ class Serving:
         nursery.start_soon(self._reap_idle)
 
     def _load(self, device: str) -> ShardModel:
-        import torch
-
         from agent.shards.blocks import ShardModel
 
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
         try:
             return ShardModel.load(
                 self.cfg.model, self.span[0], self.span[1], dtype=self.cfg.dtype, device=device
