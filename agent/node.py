@@ -38,7 +38,7 @@ log = logging.getLogger("shardmesh.agent")
 # How many peers we dial on our own after learning them from ads; beyond this, gossip
 # still reaches us through the peers we have.
 TARGET_CONNECTIONS = 24
-LEAVE_GRACE_S = 1.0
+LEAVE_GRACE_S = 1.5
 DEVICE_REFRESH_S = 5.0  # NVML/psutil readings in ads: fresh enough, and cheap
 # Mesh-wide capacity ads per second we aim to stay under. py-libp2p's gossipsub delivered
 # ads in ~25-80 ms at up to ~6 ads/s mesh-wide on a 2-core box, but at 17 ads/s (17 agents
@@ -452,8 +452,9 @@ async def _leave_on_signal(
     node.info.state = "leaving"
     with trio.move_on_after(LEAVE_GRACE_S):
         await node.publish_ad("leaving")
-        # Give gossip a heartbeat to carry the leaving ad before the host closes.
-        await trio.sleep(0.3)
+        # Let the first hop carry the leaving ad out before the host closes (at 20 agents
+        # a 0.3 s wait once lost it: peers then dropped us only at TTL).
+        await trio.sleep(0.8)
     # py-libp2p logs its own teardown races (tasks spawned into closing nurseries) as
     # errors with tracebacks; they say nothing about our shutdown, which is orderly.
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
