@@ -147,7 +147,7 @@ class Serving:
             self.kv_free_tokens(),
         )
         node.mesh.host.set_stream_handler(FORWARD_PROTOCOL_ID, self.handle_stream)
-        nursery.start_soon(self._reap_idle)
+        nursery.start_soon(self._log_load)
 
     def _load(self, device: str) -> ShardModel:
         from agent.shards.blocks import ShardModel
@@ -396,8 +396,8 @@ class Serving:
         out = self.shard.forward(session.cache, hidden, position, span=(session.start, session.end))
         return out.to(hidden.dtype)
 
-    async def _reap_idle(self) -> None:
-        """Sessions whose stream handler is gone are freed there; this only logs load."""
+    async def _log_load(self) -> None:
+        """Idle sessions are closed by their stream handler (idle timeout); log the load."""
         while True:
             await trio.sleep(30)
             if self.sessions:
