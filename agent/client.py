@@ -28,6 +28,7 @@ import trio
 from agent.errors import ShardmeshError
 from agent.routing import Hop, NoRoute, find_route
 from agent.sampling import Sampler, SamplingParams
+from agent.shards.loading import torch_dtype
 from agent.shards.wire import from_frame, to_frame
 from agent.snapshot import PeerSpan
 from agent.streamio import FramedStream, StreamGone
@@ -159,7 +160,7 @@ class RemoteHop:
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         assert self.framed is not None
         self._step_no += 1
-        frame = to_frame(hidden.to(_torch_dtype(self.cfg.wire_dtype)))
+        frame = to_frame(hidden.to(torch_dtype(self.cfg.wire_dtype)))
         t0 = time.perf_counter()
         try:
             with trio.fail_after(self.cfg.step_timeout_s):
@@ -219,7 +220,7 @@ class LocalHop:
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         from agent.serving import RequestRejected
 
-        frame = to_frame(hidden.to(_torch_dtype(self.cfg.wire_dtype)))
+        frame = to_frame(hidden.to(torch_dtype(self.cfg.wire_dtype)))
         try:
             result = await self.serving.run_step(
                 self.session, Step(step=0, position=position, hidden=frame)
@@ -350,7 +351,8 @@ class RouteSession:
                     x = torch.cat(lost.inputs, dim=1)
                     for state in new:
                         state.inputs.append(x)
-                        x = await _chunked_step(state.hop, x, 0, self.cfg.max_chunk_bytes)
+                        outs = await _in_chunks(state.hop.step, x, 0, self.cfg.max_chunk_bytes)
+                        x = torch.cat(outs, dim=1)
                 log.info(
                     "replaced %s on blocks %d:%d by %s (replayed %d tokens)",
                     lost.hop.peer_id[-8:],
@@ -366,19 +368,17 @@ class RouteSession:
                 self._note_failure(exc)
 
 
-async def _chunked_step(
-    hop: RemoteHop | LocalHop, x: torch.Tensor, position: int, max_bytes: int
-) -> torch.Tensor:
+async def _in_chunks(
+    step: Callable[[torch.Tensor, int], Awaitable[torch.Tensor]],
+    x: torch.Tensor,
+    position: int,
+    max_bytes: int,
+) -> list[torch.Tensor]:
+    """Send x [b, q, h] through `step` in pieces of at most max_bytes (float32 on the wire),
+    so a long prefill or replay never exceeds a frame; returns each piece's output."""
     per_token = max(1, x.shape[0] * x.shape[2] * 4)
     chunk = max(1, max_bytes // per_token)
-    outs = []
-    for s in range(0, x.shape[1], chunk):
-        outs.append(await hop.step(x[:, s : s + chunk], position + s))
-    return torch.cat(outs, dim=1)
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return [await step(x[:, s : s + chunk], position + s) for s in range(0, x.shape[1], chunk)]
 
 
 # --- generation ------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ async def generate_ids(
         await session.open()
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
         hidden = head.embed(ids, 0)
-        out = await _prefill(session, hidden, cfg.max_chunk_bytes)
+        out = (await _in_chunks(session.step, hidden, 0, cfg.max_chunk_bytes))[-1]
         token = int(sampler(head.logits(out[:, -1:])[:, -1])[0])
         prefill_s = time.perf_counter() - t0
         tokens.append(token)
@@ -475,16 +475,6 @@ async def generate_ids(
             await session.close()
 
 
-async def _prefill(session: RouteSession, hidden: torch.Tensor, max_bytes: int) -> torch.Tensor:
-    per_token = max(1, hidden.shape[0] * hidden.shape[2] * 4)
-    chunk = max(1, max_bytes // per_token)
-    out = None
-    for s in range(0, hidden.shape[1], chunk):
-        out = await session.step(hidden[:, s : s + chunk], s)
-    assert out is not None
-    return out
-
-
 # --- a standalone client node ----------------------------------------------------------------
 class StandaloneView:
     """A mesh node that only listens to ads and opens sessions (no ads, no serving)."""
@@ -507,8 +497,7 @@ class StandaloneView:
         self.table.update(ad, time.monotonic())
 
     def peer_addrs(self, peer_id: str) -> list[str]:
-        entry = self.table.get(peer_id)
-        return list(entry.ad.addrs) if entry else []
+        return self.table.addrs(peer_id)
 
 
 @asynccontextmanager

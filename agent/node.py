@@ -87,7 +87,7 @@ class Node:
         return self.mesh.peer_id
 
     def spans(self, model_id: str) -> list[PeerSpan]:
-        self.table.expire(time.monotonic(), self.mesh.is_connected)
+        # Entries are expired by expire_loop (every 0.25 s), which also logs and forgets.
         spans = self.table.spans_for(model_id)
         s = self.serving
         if s is not None and s.model_id == model_id and s.shard is not None:
@@ -105,8 +105,7 @@ class Node:
         return spans
 
     def peer_addrs(self, peer_id: str) -> list[str]:
-        entry = self.table.get(peer_id)
-        return list(entry.ad.addrs) if entry else []
+        return self.table.addrs(peer_id)
 
     def known_models(self) -> dict[str, tuple[str | None, int | None]]:
         models = self.table.models()

@@ -63,6 +63,11 @@ class PeerTable:
     def get(self, peer_id: str) -> PeerEntry | None:
         return self._entries.get(peer_id)
 
+    def addrs(self, peer_id: str) -> list[str]:
+        """The addresses the peer advertised last, or [] for an unknown peer."""
+        entry = self._entries.get(peer_id)
+        return list(entry.ad.addrs) if entry else []
+
     def __iter__(self) -> Iterator[PeerEntry]:
         return iter(sorted(self._entries.values(), key=lambda e: e.ad.peer_id))
 

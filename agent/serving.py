@@ -422,27 +422,24 @@ def _pick_device(cfg: AgentConfig, node: Node) -> str:
     return f"cuda:{index}" if torch.cuda.is_available() else "cpu"
 
 
-def _memory_budget(device: str) -> int:
-    """Bytes this agent may spend on weights: 80% of the device's free memory."""
+def _free_memory(device: str) -> int:
+    """Free bytes on `device`: the GPU's free memory, or the machine's available RAM."""
     if device.startswith("cuda"):
         import torch
 
         free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * 0.8)
+        return int(free)
     import psutil
 
-    return int(psutil.virtual_memory().available * 0.8)
+    return int(psutil.virtual_memory().available)
+
+
+def _memory_budget(device: str) -> int:
+    """Bytes this agent may spend on weights: 80% of the device's free memory."""
+    return int(_free_memory(device) * 0.8)
 
 
 def _kv_budget(shard: ShardModel, cfg: AgentConfig) -> int:
     if cfg.limits.kv_budget_tokens:
         return cfg.limits.kv_budget_tokens * shard.kv_bytes_per_token()
-    if shard.device.type == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(shard.device)
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return int(free * cfg.limits.kv_memory_fraction)
+    return int(_free_memory(str(shard.device)) * cfg.limits.kv_memory_fraction)
