@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -100,6 +101,11 @@ async def client(m: Mesh):
         yield view
 
 
+def _generate(m: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
+    """`shardmesh generate ARGS` through the entry agent's control socket."""
+    return cli("generate", "--control", str(m.entry.control), *args, timeout=120)
+
+
 def _agent(m: Mesh, name: str) -> Agent:
     return next(a for a in m.all if a.state_dir.name == name)
 
@@ -161,10 +167,8 @@ def test_generate_cli_equals_hf_generate(mesh: Mesh, family: str) -> None:
     model_dir = mesh.models[family]
     prompt = [5, 17, 42, 99, 123, 7, 300]
     want = hf_generate(load_full(model_dir), prompt, 16)
-    out = cli(
-        "generate",
-        "--control",
-        str(mesh.entry.control),
+    out = _generate(
+        mesh,
         "--model",
         model_dir.name,
         "--model-dir",
@@ -174,7 +178,6 @@ def test_generate_cli_equals_hf_generate(mesh: Mesh, family: str) -> None:
         "--max-new-tokens",
         "16",
         "--json",
-        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -194,10 +197,8 @@ def test_generate_text_prompt_streams_and_matches(mesh: Mesh) -> None:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt = "the quick brown fox"
     want = hf_generate(load_full(model_dir), tok(prompt)["input_ids"], 10)
-    out = cli(
-        "generate",
-        "--control",
-        str(mesh.entry.control),
+    out = _generate(
+        mesh,
         "--model",
         model_dir.name,
         "--prompt",
@@ -205,24 +206,20 @@ def test_generate_text_prompt_streams_and_matches(mesh: Mesh) -> None:
         "--max-new-tokens",
         "10",
         "--json",
-        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["token_ids"] == want
     assert result["text"] == tok.decode(want, skip_special_tokens=True)
     # Text mode (no --json) streams to stdout and summarises on stderr.
-    out = cli(
-        "generate",
-        "--control",
-        str(mesh.entry.control),
+    out = _generate(
+        mesh,
         "--model",
         model_dir.name,
         "--prompt",
         prompt,
         "--max-new-tokens",
         "10",
-        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == result["text"].strip()
@@ -246,7 +243,6 @@ def test_standalone_client_with_bootstrap(mesh: Mesh) -> None:
         "--max-new-tokens",
         "12",
         "--json",
-        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["token_ids"] == want
