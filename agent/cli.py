@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     up.add_argument("--device", metavar="auto|cpu|cuda:N")
     up.add_argument("--threads", type=int, help="torch threads (0: all cores)")
+    up.add_argument(
+        "--api", metavar="HOST:PORT", help="serve the OpenAI-compatible API and /metrics here"
+    )
+    up.add_argument("--api-key-file", type=Path, metavar="FILE", help="bearer keys, one a line")
+    up.add_argument(
+        "--swarm-secret-file", type=Path, metavar="FILE", help="join only a private swarm"
+    )
+    up.add_argument(
+        "--idle",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve only while the machine is idle (see [idle] in the config)",
+    )
 
     for name, text in (("status", "this node"), ("peers", "the mesh as this node sees it")):
         _add_control_args(sub.add_parser(name, help=text))
@@ -129,6 +142,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         "device": args.device,
         "threads": args.threads,
         "max_blocks": args.max_blocks,
+        "api.listen": args.api,
+        "api.key_file": args.api_key_file,
+        "swarm.secret_file": args.swarm_secret_file,
+        "idle.enabled": args.idle,
     }
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level, json_lines=cfg.log_json)

@@ -57,6 +57,51 @@ class LimitsConfig:
     kv_memory_fraction: float = 0.5
     # A fixed KV-cache budget in tokens (over the served span) instead; 0 = from memory.
     kv_budget_tokens: int = 0
+    # Per peer (issue: secure by default). A peer over a limit gets an error or is dropped;
+    # nobody else notices.
+    max_connections: int = 256
+    per_peer_connections: int = 2
+    per_peer_sessions: int = 8
+    per_peer_requests_per_s: float = 200.0
+    per_peer_bytes_per_s: float = 256.0 * 1024 * 1024
+    # KV-cache tokens one peer may reserve; 0 = half the agent's KV budget.
+    per_peer_kv_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """Who may join: a private swarm's shared secret, and peer-id allow/deny lists."""
+
+    secret_file: Path | None = None  # owner-only file holding the swarm secret
+    allow: tuple[str, ...] = ()  # when not empty, only these peer ids are accepted
+    deny: tuple[str, ...] = ()
+    auth_timeout: float = 5.0  # seconds a new connection has to prove the secret
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    """Serve only while the owner leaves the machine idle (issue: run on idle machines)."""
+
+    enabled: bool = False
+    # Thresholds on what *other* processes use (NVML, per process).
+    gpu_utilization_max: float = 10.0  # percent
+    gpu_memory_max_mib: float = 1024.0
+    cpu_load_max: float = 0.0  # 1-minute load average per core; 0 = not checked
+    yield_to_users: bool = False  # anyone logged in counts as the owner being back
+    check_interval: float = 2.0  # seconds between checks
+    drain_grace: float = 30.0  # seconds running sessions get to finish or move
+    holdoff: float = 60.0  # seconds of idleness before loading again
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """OpenAI-compatible HTTP API and Prometheus metrics; off while `listen` is empty."""
+
+    listen: str = ""  # HOST:PORT, e.g. 127.0.0.1:8080
+    key_file: Path | None = None  # bearer keys, one a line; required off loopback
+    model_dirs: tuple[Path, ...] = ()  # local checkpoints for the embeddings/head/tokenizer
+    max_concurrent: int = 4  # generations at once; more get 429
+    request_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +124,9 @@ class AgentConfig:
     device: str = "auto"
     threads: int = 0
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     @property
     def control_socket(self) -> Path:
@@ -108,8 +156,16 @@ def parse_blocks(text: str) -> tuple[int, int] | None:
     return start, end
 
 
-_PATH_KEYS = {"state_dir", "control", "model"}
-_LIST_KEYS = {"listen", "bootstrap"}
+_PATH_KEYS = {"state_dir", "control", "model", "swarm.secret_file", "api.key_file"}
+_LIST_KEYS = {"listen", "bootstrap", "swarm.allow", "swarm.deny"}
+_PATH_LIST_KEYS = {"api.model_dirs"}
+# Tables in the file, each one frozen dataclass on AgentConfig.
+SECTIONS: dict[str, type] = {
+    "limits": LimitsConfig,
+    "swarm": SwarmConfig,
+    "idle": IdleConfig,
+    "api": ApiConfig,
+}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -120,12 +176,16 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             raise ConfigError(f"{name}: expected a path, got {value!r}")
         return Path(value).expanduser()
-    if name in _LIST_KEYS:
-        if isinstance(value, str):
+    if name in _LIST_KEYS or name in _PATH_LIST_KEYS:
+        if isinstance(value, str | Path):
             value = [value]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name}: expected a list of multiaddr strings, got {value!r}")
-        return tuple(value)
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str | Path) and str(v) for v in value
+        ):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+        if name in _PATH_LIST_KEYS:
+            return tuple(Path(v).expanduser() for v in value)
+        return tuple(str(v) for v in value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")
@@ -150,14 +210,17 @@ def _merge_section(cls: type, base: Any, values: dict[str, Any], prefix: str = "
     changes: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
-        if key not in known or key == "limits":
+        if key not in known or key in SECTIONS:
             raise ConfigError(f"unknown config key '{prefix}{raw_key}'")
         changes[key] = _coerce(prefix + key, value, getattr(base, key))
     return replace(base, **changes)
 
 
 def load_config(config_file: Path | None, overrides: dict[str, Any]) -> AgentConfig:
-    """Build the config: defaults, then the TOML file, then flag overrides (None = not given)."""
+    """Build the config: defaults, then the TOML file, then flag overrides (None = not given).
+
+    Overrides name section keys with a dot: {"api.listen": "127.0.0.1:8080"}.
+    """
     cfg = AgentConfig()
     if config_file is not None:
         try:
@@ -168,14 +231,35 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> AgentCon
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file}: {exc}") from None
-        limits = data.pop("limits", {})
-        if not isinstance(limits, dict):
-            raise ConfigError("limits: expected a table")
-        cfg = _merge_section(AgentConfig, cfg, data)
-        cfg = replace(cfg, limits=_merge_section(LimitsConfig, cfg.limits, limits, "limits."))
-    given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = _merge_section(AgentConfig, cfg, given)
+        cfg = _apply(cfg, data)
+    given: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, dot, sub = key.partition(".")
+        if dot:
+            given.setdefault(section, {})[sub] = value
+        else:
+            given[key] = value
+    cfg = _apply(cfg, given)
     validate(cfg)
+    return cfg
+
+
+def _apply(cfg: AgentConfig, data: dict[str, Any]) -> AgentConfig:
+    """Merge one layer (file or flags): top-level keys, then each [section] table."""
+    data = dict(data)
+    tables = {}
+    for name in SECTIONS:
+        if name in data:
+            table = data.pop(name)
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: expected a table")
+            tables[name] = table
+    cfg = _merge_section(AgentConfig, cfg, data)
+    for name, table in tables.items():
+        merged = _merge_section(SECTIONS[name], getattr(cfg, name), table, f"{name}.")
+        cfg = replace(cfg, **{name: merged})
     return cfg
 
 
@@ -210,6 +294,21 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError("limits.kv_budget_tokens: must be 0 (from memory) or positive")
     if lim.session_idle_timeout <= 0:
         raise ConfigError("limits.session_idle_timeout: must be positive")
+    for key in (
+        "max_connections",
+        "per_peer_connections",
+        "per_peer_sessions",
+    ):
+        if getattr(lim, key) < 1:
+            raise ConfigError(f"limits.{key}: must be at least 1")
+    for key in ("per_peer_requests_per_s", "per_peer_bytes_per_s"):
+        if getattr(lim, key) <= 0:
+            raise ConfigError(f"limits.{key}: must be positive")
+    if lim.per_peer_kv_tokens < 0:
+        raise ConfigError("limits.per_peer_kv_tokens: must be 0 (half the budget) or positive")
+    _validate_swarm(cfg.swarm)
+    _validate_idle(cfg.idle)
+    _validate_api(cfg.api)
     from agent.multiaddrs import check_multiaddr
 
     for key in ("listen", "bootstrap"):
@@ -217,3 +316,44 @@ def validate(cfg: AgentConfig) -> None:
             problem = check_multiaddr(addr, need_peer_id=(key == "bootstrap"))
             if problem:
                 raise ConfigError(f"{key}: {problem}")
+
+
+def _validate_swarm(swarm: SwarmConfig) -> None:
+    if swarm.auth_timeout <= 0:
+        raise ConfigError("swarm.auth_timeout: must be positive")
+    for key in ("allow", "deny"):
+        for pid in getattr(swarm, key):
+            if not pid.isalnum() or len(pid) < 40:
+                raise ConfigError(f"swarm.{key}: {pid!r} is not a peer id")
+
+
+def _validate_idle(idle: IdleConfig) -> None:
+    if not 0 <= idle.gpu_utilization_max <= 100:
+        raise ConfigError("idle.gpu_utilization_max: must be a percentage, 0..100")
+    for key in ("gpu_memory_max_mib", "cpu_load_max", "drain_grace", "holdoff"):
+        if getattr(idle, key) < 0:
+            raise ConfigError(f"idle.{key}: must not be negative")
+    if idle.check_interval <= 0:
+        raise ConfigError("idle.check_interval: must be positive")
+
+
+def _validate_api(api: ApiConfig) -> None:
+    if api.listen:
+        parse_host_port(api.listen, "api.listen")
+    if api.max_concurrent < 1:
+        raise ConfigError("api.max_concurrent: must be at least 1")
+    if api.request_timeout <= 0:
+        raise ConfigError("api.request_timeout: must be positive")
+
+
+def parse_host_port(text: str, key: str = "address") -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port); ConfigError naming `key` otherwise."""
+    host, sep, port_s = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_s)
+    except ValueError:
+        port = -1
+    if not sep or not host or not 0 <= port <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    return host, port
