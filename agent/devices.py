@@ -61,12 +61,16 @@ class NvmlLike(Protocol):
     def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]: ...
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]: ...
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: Any) -> list[Any]: ...
+    def nvmlDeviceGetProcessUtilization(self, handle: Any, last_seen: int) -> list[Any]: ...
 
 
 @dataclass
 class GpuProcess:
     pid: int
     used_memory: int | None  # bytes; None where NVML cannot tell (e.g. inside some containers)
+    # Percent of the GPU's SMs this process kept busy in NVML's recent samples; None where
+    # the GPU keeps no per-process samples. The idle policy tells owner from agent with it.
+    sm_util: int | None = None
 
 
 @dataclass
@@ -283,6 +287,9 @@ def _query_gpu(
     graphics = optional(
         "graphics processes", lambda: nvml.nvmlDeviceGetGraphicsRunningProcesses(handle)
     )
+    processes = _merge_processes(compute, graphics)
+    if processes is not None:
+        _add_process_utilization(nvml, handle, processes, errors)
     return GpuInfo(
         index=index,
         name=name,
@@ -298,8 +305,35 @@ def _query_gpu(
         power_w=None if power_mw is None else power_mw / 1000.0,  # NVML reports milliwatts
         power_limit_w=None if limit_mw is None else limit_mw / 1000.0,
         compute_capability=None if capability is None else f"{capability[0]}.{capability[1]}",
-        processes=_merge_processes(compute, graphics),
+        processes=processes,
     )
+
+
+_NVML_ERROR_NOT_FOUND = 6
+
+
+def _add_process_utilization(
+    nvml: NvmlLike, handle: Any, processes: list[GpuProcess], errors: tuple[type[Exception], ...]
+) -> None:
+    """Fill sm_util from NVML's per-process samples (the newest per pid). NVML answers
+    "not found" when no process ran since the timestamp, and "not supported" on some boards;
+    both leave sm_util as it is."""
+    try:
+        samples = nvml.nvmlDeviceGetProcessUtilization(handle, 0)
+    except errors as exc:
+        if getattr(exc, "value", None) != _NVML_ERROR_NOT_FOUND:
+            return
+        samples = []  # no process used the GPU lately: every one of them at 0%
+    newest: dict[int, tuple[int, int]] = {}
+    for sample in samples or []:
+        pid, stamp = int(sample.pid), int(sample.timeStamp)
+        if pid not in newest or stamp >= newest[pid][0]:
+            newest[pid] = (stamp, int(sample.smUtil))
+    for proc in processes:
+        if proc.pid in newest:
+            proc.sm_util = newest[proc.pid][1]
+        else:
+            proc.sm_util = 0
 
 
 def _text(value: str | bytes) -> str:

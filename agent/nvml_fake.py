@@ -21,6 +21,7 @@ JSON shape (every GPU key is optional; a missing key makes its query raise "Not 
           "compute_capability": [9, 0],
           "compute_processes": [{"pid": 4242, "used_memory": 1073741824}],
           "graphics_processes": [],
+          "process_utilization": [{"pid": 4242, "sm_util": 80}],  # percent, per process
           "fail": false            # true: every query on this GPU raises "GPU is lost"
         }
       ]
@@ -38,6 +39,7 @@ NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
@@ -50,6 +52,7 @@ _ERROR_STRINGS = {
     NVML_ERROR_UNINITIALIZED: "Uninitialized",
     NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
     NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_NOT_FOUND: "Not Found",
     NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
     NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
     NVML_ERROR_GPU_IS_LOST: "GPU is lost",
@@ -105,6 +108,16 @@ class FakeProcess:
 
     pid: int
     usedGpuMemory: int | None
+
+
+@dataclass(frozen=True)
+class FakeUtilizationSample:
+    """Shaped like pynvml's c_nvmlProcessUtilizationSample_t."""
+
+    pid: int
+    timeStamp: int
+    smUtil: int
+    memUtil: int
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,19 @@ class FakeNvml:
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: FakeHandle) -> list[FakeProcess]:
         return _processes(self._field(handle, "graphics_processes"))
 
+    def nvmlDeviceGetProcessUtilization(
+        self, handle: FakeHandle, last_seen: int
+    ) -> list[FakeUtilizationSample]:
+        entries = self._field(handle, "process_utilization")
+        if not entries:
+            raise NVMLError(NVML_ERROR_NOT_FOUND)  # what NVML says when no process ran
+        return [
+            FakeUtilizationSample(
+                pid=int(e["pid"]), timeStamp=1, smUtil=int(e["sm_util"]), memUtil=0
+            )
+            for e in entries
+        ]
+
     # -- helpers ----------------------------------------------------------------------------
     def _check_init(self) -> None:
         if self.init_count <= 0:
@@ -252,6 +278,12 @@ _GPU_KEYS = {
     "compute_capability": _is_capability,
     "compute_processes": _is_process_list,
     "graphics_processes": _is_process_list,
+    "process_utilization": lambda v: (
+        isinstance(v, list)
+        and all(
+            isinstance(e, dict) and _is_int(e.get("pid")) and _is_int(e.get("sm_util")) for e in v
+        )
+    ),
     "fail": lambda v: isinstance(v, bool),
 }
 

@@ -43,15 +43,23 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
 
 class Agent:
     def __init__(
-        self, state_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None
+        self,
+        state_dir: Path,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        entry: Sequence[str] = SHARDMESH,
     ):
         self.state_dir = state_dir
         self.args = list(args)
+        self.entry = list(entry)  # the command before `up` (another launcher, in some tests)
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir.parent / f"{state_dir.name}.log"
         self.peer_id: str | None = None
         self.addrs: list[str] = []
+        # States in which the agent counts as started (an idle-policy agent whose owner is
+        # busy stays "draining").
+        self.ready_states: tuple[str, ...] = ("online",)
 
     @property
     def control(self) -> Path:
@@ -65,7 +73,7 @@ class Agent:
         """Start the process; flags in self.args come last, so they override these."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child for its lifetime
-        cmd = [*SHARDMESH, "up", "--state-dir", str(self.state_dir), "--no-mdns"]
+        cmd = [*self.entry, "up", "--state-dir", str(self.state_dir), "--no-mdns"]
         cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", *FAST_GOSSIP, *self.args]
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
@@ -85,7 +93,7 @@ class Agent:
             status = self.status()
         except Exception:
             return None
-        return status if status.get("state") == "online" else None
+        return status if status.get("state") in self.ready_states else None
 
     def request(self, cmd: str, **args: Any) -> Any:
         from agent.control import request

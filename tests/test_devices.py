@@ -248,7 +248,7 @@ def test_real_pynvml_path_does_not_crash(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_fake_and_pynvml_offer_every_call_discovery_makes() -> None:
     calls = [name for name in vars(NvmlLike) if name.startswith("nvml")]
-    assert len(calls) == 14
+    assert len(calls) == 15
     fake = FakeNvml({"gpus": []})
     for name in calls:
         real_params = [
@@ -261,7 +261,13 @@ def test_fake_and_pynvml_offer_every_call_discovery_makes() -> None:
     for attr in ("NVMLError", "NVML_TEMPERATURE_GPU"):
         assert hasattr(pynvml, attr) and hasattr(fake, attr)
     assert fake.NVML_TEMPERATURE_GPU == pynvml.NVML_TEMPERATURE_GPU
-    for code in ("NOT_SUPPORTED", "DRIVER_NOT_LOADED", "LIBRARY_NOT_FOUND", "GPU_IS_LOST"):
+    for code in (
+        "NOT_SUPPORTED",
+        "NOT_FOUND",
+        "DRIVER_NOT_LOADED",
+        "LIBRARY_NOT_FOUND",
+        "GPU_IS_LOST",
+    ):
         assert getattr(nvml_fake, f"NVML_ERROR_{code}") == getattr(pynvml, f"NVML_ERROR_{code}")
         err_real, err_fake = (
             pynvml.NVMLError(getattr(pynvml, f"NVML_ERROR_{code}")),
@@ -367,7 +373,11 @@ def test_to_json_has_stable_keys_and_round_trips() -> None:
         "compute_capability",
         "processes",
     ]
-    assert data["gpus"][0]["processes"][0] == {"pid": 4242, "used_memory": 8 * GIB}
+    assert data["gpus"][0]["processes"][0] == {
+        "pid": 4242,
+        "used_memory": 8 * GIB,
+        "sm_util": None,
+    }
     assert data["gpus"][1]["power_w"] is None
     assert list(data["cpu"]) == ["model", "cores_physical", "cores_logical", "load_1m"]
     assert list(data["memory"]) == ["total", "available"]
