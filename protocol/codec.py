@@ -16,6 +16,9 @@ from protocol.errors import DecodeError, FrameTooLarge, ProtocolError
 
 # Deepest structure any message needs is 3 (ad -> devices -> device); leave room for growth.
 MAX_DEPTH = 16
+# Objects (keys and values, containers included) in one message. The largest valid ad holds ~800;
+# bulk data travels as one bin. Bounds memory: an empty list costs ~70 bytes per byte of input.
+MAX_ITEMS = 4096
 
 _MISSING: Any = object()
 
@@ -46,6 +49,71 @@ def _check_tree(obj: dict[str, Any] | list[Any], depth: int) -> None:
             _check_tree(v, depth + 1)
 
 
+# For _scan, by msgpack type byte (fix* types are decoded from the byte itself): scalars ->
+# bytes that follow; str/bin/ext -> (size of the length field, ext type byte); arrays/maps ->
+# (size of the count field, objects per counted entry).
+_SCALAR_SKIP: dict[int, int] = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8}
+_SCALAR_SKIP.update({0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8})
+_SCALAR_SKIP.update({0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17})  # fixext: type + data
+_PAYLOAD_LEN: dict[int, tuple[int, int]] = {
+    0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),
+    0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
+    0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0),
+}  # fmt: skip
+_CONTAINER_LEN: dict[int, tuple[int, int]] = {
+    0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2),
+}  # fmt: skip
+
+
+def _scan(data: bytes | bytearray | memoryview) -> None:
+    """Walk msgpack headers only, before msgpack allocates anything.
+
+    msgpack bounds each length by the input, but not the sum: a 64 MiB frame of empty arrays
+    would become 4+ GiB of list objects. This walk touches at most MAX_ITEMS headers and
+    rejects more objects than that, or nesting deeper than MAX_DEPTH.
+    """
+    n = len(data)
+    pos = 0
+    items = 0
+    pending = [1]  # objects still to read in each open container; [0] is the top level
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        items += 1
+        if items > MAX_ITEMS:
+            raise DecodeError(f"more than {MAX_ITEMS} objects")
+        if pos >= n:
+            raise DecodeError("bad msgpack: truncated")
+        b = data[pos]
+        pos += 1
+        if b <= 0x7F or b >= 0xE0:
+            continue
+        count = -1
+        if b <= 0x8F:
+            count = (b & 0x0F) * 2
+        elif b <= 0x9F:
+            count = b & 0x0F
+        elif b <= 0xBF:
+            pos += b & 0x1F
+        elif b in _SCALAR_SKIP:
+            pos += _SCALAR_SKIP[b]
+        elif b in _PAYLOAD_LEN:
+            size, extra = _PAYLOAD_LEN[b]
+            pos += size + extra + int.from_bytes(data[pos : pos + size], "big")
+        elif b in _CONTAINER_LEN:
+            size, per = _CONTAINER_LEN[b]
+            count = int.from_bytes(data[pos : pos + size], "big") * per
+            pos += size
+        else:
+            raise DecodeError(f"bad msgpack: reserved type byte 0x{b:02x}")
+        if count >= 0:
+            if len(pending) > MAX_DEPTH:
+                raise DecodeError(f"nesting deeper than {MAX_DEPTH}")
+            pending.append(count)
+
+
 def unpack_map(data: bytes | bytearray | memoryview, *, max_size: int) -> dict[str, Any]:
     """Decode one msgpack map from exactly `data`.
 
@@ -55,6 +123,7 @@ def unpack_map(data: bytes | bytearray | memoryview, *, max_size: int) -> dict[s
     n = len(data)
     if n > max_size:
         raise FrameTooLarge(f"{n} bytes exceeds the limit of {max_size}")
+    _scan(data)
     try:
         # Every length inside is bounded by the input, so a hostile prefix cannot allocate
         # more than a small multiple of what was actually received.

@@ -58,6 +58,7 @@ ERROR_CODES = frozenset(
         "internal",
         "busy",
         "rate_limited",
+        "draining",
     }
 )
 

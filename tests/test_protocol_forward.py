@@ -69,7 +69,7 @@ def test_round_trip(msg: Message) -> None:
 
 def test_error_codes() -> None:
     assert {"bad_request", "kv_budget", "no_session", "position", "internal"} <= ERROR_CODES
-    assert len(ERROR_CODES) == 14
+    assert len(ERROR_CODES) == 15
 
 
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 65535, 65536, 70000])
