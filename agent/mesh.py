@@ -33,6 +33,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from agent.config import AgentConfig
 from agent.multiaddrs import split_peer_addr
+from agent.swarm import SwarmGate
 from protocol import AdRejected, AdValidator, CapacityAd
 from protocol.ids import CAPACITY_TOPIC
 
@@ -121,6 +122,7 @@ class Mesh:
         self.host = host
         self.pubsub = pubsub
         self.validator = validator
+        self.gate: SwarmGate | None = None  # set by open_mesh: who may talk to us
         self.peer_id = host.get_id().to_base58()
         # Ads accepted by the topic validator, waiting for the subscription loop (keyed by
         # gossip message id); bounded so a flood cannot grow it.
@@ -143,6 +145,8 @@ class Mesh:
         sender = ID(msg.from_id).to_base58()
         if sender == self.peer_id:
             return True
+        if self.gate is not None and not self.gate.accepts_ad(forwarder, sender):
+            return False  # an unproven forwarder, or a listed-out sender (counted by the gate)
         try:
             ad = self.validator.check(bytes(msg.data), sender=sender, now=time.time())
         except AdRejected as exc:
@@ -212,6 +216,9 @@ class Mesh:
         unblock = getattr(network, "unblock_peer", None)
         if unblock is not None:
             unblock(pid)
+        refusal = self.gate.dial_refusal(peer) if self.gate is not None else None
+        if refusal is not None:
+            raise ConnectionError(refusal)
         try:
             with trio.fail_after(DIAL_TIMEOUT_S + 1):
                 await self.host.connect(PeerInfo(pid, maddrs))
@@ -219,6 +226,10 @@ class Mesh:
             raise ConnectionError(f"timed out dialling {addrs[0]}") from None
         except Exception as exc:
             raise ConnectionError(f"cannot dial {addrs[0]}: {exc}") from None
+        if self.gate is not None:
+            refused = await self.gate.wait_admitted(pid)
+            if refused is not None:
+                raise ConnectionError(f"{addrs[0]} was refused by the swarm gate: {refused}")
         return peer
 
 
@@ -252,8 +263,11 @@ async def open_mesh(cfg: AgentConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
     pubsub = Pubsub(host, router, strict_signing=True, seen_ttl=120)
     mesh = Mesh(host, pubsub, AdValidator())
     pubsub.set_topic_validator(CAPACITY_TOPIC, mesh._validate, False)
+    mesh.gate = SwarmGate(host, cfg.swarm, cfg.limits)  # reads the secret file: may raise
+    mesh.gate.install()
     listen = [multiaddr.Multiaddr(a) for a in cfg.listen]
     async with (
+        mesh.gate.running(),
         host.run(listen_addrs=listen),
         background_trio_service(pubsub),
         background_trio_service(router),

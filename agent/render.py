@@ -58,6 +58,12 @@ def status_table(s: dict[str, Any]) -> str:
     t.add_row("uptime", f"{s.get('uptime_s', 0):.0f} s")
     rejected = s.get("rejected_ads") or {}
     t.add_row("rejected ads", ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none")
+    swarm = s.get("swarm")
+    if swarm:
+        private = f"yes (secret fingerprint {swarm['fingerprint']})" if swarm["private"] else "no"
+        t.add_row("private swarm", private)
+        refused = sorted((s.get("swarm_refused") or {}).items())
+        t.add_row("refused peers", ", ".join(f"{k} {v}" for k, v in refused) or "none")
     con.print(t)
     return buf.getvalue()
 

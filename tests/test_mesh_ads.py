@@ -3,12 +3,12 @@ are rejected and counted by real agents, which keep their tables right and keep 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import pytest
 import trio
+from adsamples import bare_ad
 from agentproc import Agent, stop_all, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -16,7 +16,6 @@ from agent.config import AgentConfig
 from agent.identity import private_seed
 from agent.mesh import open_mesh
 from protocol import CapacityAd, encode_signed_ad, pack, unpack_map
-from protocol.ids import PROTOCOL_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +29,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory):
         yield agents
     finally:
         stop_all(agents)
-
-
-def _ad(peer_id: str, seq: int, **changes: object) -> CapacityAd:
-    ad = CapacityAd(
-        version=PROTOCOL_VERSION,
-        peer_id=peer_id,
-        addrs=(),
-        devices=(),
-        model=None,
-        model_name=None,
-        n_blocks=None,
-        span=None,
-        throughput=0.0,
-        kv_free_tokens=0,
-        sessions=0,
-        state="online",
-        seq=seq,
-        timestamp=time.time(),
-        ttl=30.0,
-    )
-    return dataclasses.replace(ad, **changes)
 
 
 async def _in_thread(fn, *args):
@@ -76,7 +54,7 @@ async def test_bad_ads_are_rejected_counted_and_tables_stay_right(
             await trio.sleep(1.5)  # a heartbeat or so to graft into the mesh
         seq = int(time.time() * 1000)
         other_key = Ed25519PrivateKey.generate()
-        good = encode_signed_ad(_ad(me, seq), key)
+        good = encode_signed_ad(bare_ad(me, seq), key)
         envelope = unpack_map(good, max_size=1 << 16)
         sig = bytearray(envelope["sig"])
         sig[0] ^= 0x01
@@ -86,16 +64,16 @@ async def test_bad_ads_are_rejected_counted_and_tables_stay_right(
             "oversized": [b"\x81" + b"A" * 40_000],
             # Someone else's peer id under our key, and a byte flipped in a signed ad.
             "bad_signature": [
-                _forge(_ad(b.peer_id, seq + 1), key),
+                _forge(bare_ad(b.peer_id, seq + 1), key),
                 tampered,
             ],
             # Correctly self-signed, but by a key that is not the gossip message's sender.
-            "wrong_sender": [encode_signed_ad(_ad(_peer_id(other_key), seq), other_key)],
+            "wrong_sender": [encode_signed_ad(bare_ad(_peer_id(other_key), seq), other_key)],
             "expired": [
-                encode_signed_ad(_ad(me, seq + 2, timestamp=time.time() - 100, ttl=10.0), key)
+                encode_signed_ad(bare_ad(me, seq + 2, timestamp=time.time() - 100, ttl=10.0), key)
             ],
-            "future": [encode_signed_ad(_ad(me, seq + 3, timestamp=time.time() + 3600), key)],
-            "version": [encode_signed_ad(_ad(me, seq + 4, version="2.0.0"), key)],
+            "future": [encode_signed_ad(bare_ad(me, seq + 3, timestamp=time.time() + 3600), key)],
+            "version": [encode_signed_ad(bare_ad(me, seq + 4, version="2.0.0"), key)],
         }
         await mesh.publish(good)
         for items in hostile.values():
@@ -103,7 +81,7 @@ async def test_bad_ads_are_rejected_counted_and_tables_stay_right(
                 await mesh.publish(data)
         await mesh.publish(good)  # the same signed ad again: a replay (same seq)
         await trio.sleep(0.2)
-        old = encode_signed_ad(_ad(me, seq - 5), key)
+        old = encode_signed_ad(bare_ad(me, seq - 5), key)
         await mesh.publish(old)  # an older sequence number than one already accepted
 
         def rejected_enough() -> bool:

@@ -23,6 +23,8 @@ max_sessions = 3
 max_session_tokens = 64
 kv_budget_tokens = 100
 max_frame_bytes = 65536
+# One client holds 80 of the 100 tokens below; by default a peer's share is half.
+per_peer_kv_tokens = 100
 """
 SPAN = (0, 4)
 HIDDEN = 64
