@@ -32,6 +32,10 @@ class StreamGone(Exception):
 
 
 class FramedStream:
+    # Bytes over every framed stream in this process (the forward protocol), for /metrics.
+    total_in = 0
+    total_out = 0
+
     def __init__(self, stream: INetStream, *, max_frame: int) -> None:
         self.stream = stream
         self.max_frame = max_frame
@@ -50,6 +54,7 @@ class FramedStream:
             if not chunk:
                 raise StreamGone("stream closed")
             self.bytes_in += len(chunk)
+            FramedStream.total_in += len(chunk)
             self._buf += chunk
 
     async def _take(self, n: int) -> bytes:
@@ -88,6 +93,7 @@ class FramedStream:
         except Exception as exc:
             raise StreamGone(f"write failed: {exc!r}") from None
         self.bytes_out += len(data)
+        FramedStream.total_out += len(data)
 
     async def close(self) -> None:
         with trio.move_on_after(1):

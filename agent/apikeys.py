@@ -1,0 +1,56 @@
+"""Bearer keys for the HTTP API: one key a line in a file only its owner can read."""
+
+from __future__ import annotations
+
+import hmac
+import stat
+from pathlib import Path
+
+from agent.errors import ShardmeshError
+
+
+class ApiKeyError(ShardmeshError):
+    """The key file is unusable; the message is one line for the user."""
+
+
+def load_api_keys(path: Path) -> frozenset[str]:
+    """The keys in `path`: blank lines and `#` comments are skipped, at least one is needed.
+
+    A file that group or others can read is refused, as for the identity key: anyone who
+    read it can use the API, and quietly fixing the mode would hide that.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ApiKeyError(f"api.key_file: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ApiKeyError(f"api.key_file: cannot read {path}: {exc}") from None
+    if mode & 0o077:
+        raise ApiKeyError(
+            f"api.key_file: {path} is readable by other users (mode {mode:o}); "
+            f"run 'chmod 600 {path}' if its keys were never exposed"
+        )
+    keys = set()
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if any(c.isspace() for c in line) or not line.isprintable():
+            raise ApiKeyError(f"api.key_file: {path} line {n}: a key is one word of printable text")
+        keys.add(line)
+    if not keys:
+        raise ApiKeyError(f"api.key_file: {path} holds no key")
+    return frozenset(keys)
+
+
+def check_bearer(header: str | None, keys: frozenset[str]) -> bool:
+    """True if `Authorization: Bearer KEY` names one of `keys` (compared in constant time)."""
+    if not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return False
+    token = given.strip().encode()
+    # Compare with every key, not stopping at a match, so timing says nothing about which.
+    return sum(hmac.compare_digest(token, k.encode()) for k in keys) > 0
