@@ -95,7 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MULTIADDR",
         help="join the mesh directly instead of asking a local agent",
     )
+    gen.add_argument(
+        "--swarm-secret-file", type=Path, metavar="FILE", help="with --bootstrap: a private swarm"
+    )
     gen.add_argument("--timeout", type=float, default=300.0, help="overall limit in seconds")
+    gen.add_argument(
+        "--verify",
+        type=float,
+        metavar="FRACTION",
+        help="recompute this share of steps on independent peers and outvote wrong ones (0-1)",
+    )
+    gen.add_argument(
+        "--verify-tolerance",
+        type=float,
+        metavar="REL",
+        help="per-row relative error still counted as agreement (default 0.05)",
+    )
 
     demo = sub.add_parser("demo", help="a local mesh on loopback with a tiny model")
     demo.add_argument("--agents", type=int, default=3)
@@ -215,6 +230,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from agent.errors import expected_errors, usage_errors
+    from agent.logs import stderr_prefix
 
     try:
         try:
@@ -223,10 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # trio nurseries wrap errors; an expected one inside is still expected.
             raise _first_leaf(group) from None
     except usage_errors() as exc:
-        sys.stderr.write(f"shardmesh: error: {exc}\n")
+        sys.stderr.write(f"{stderr_prefix()}shardmesh: error: {exc}\n")
         return EXIT_USAGE
     except expected_errors() as exc:
-        sys.stderr.write(f"shardmesh: {exc}\n")
+        sys.stderr.write(f"{stderr_prefix()}shardmesh: {exc}\n")
         return EXIT_FAIL
     except KeyboardInterrupt:
         sys.stderr.write("shardmesh: interrupted\n")

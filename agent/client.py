@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from agent.mesh import Mesh
     from agent.serving import Serving
     from agent.shards.head import ClientHead
+    from agent.verify import Verifier
 
 log = logging.getLogger("shardmesh.client")
 
@@ -66,6 +67,13 @@ class ClientConfig:
     reroute_wait_s: float = 10.0  # how long to wait for a replacement to appear in the table
     wire_dtype: str = "float32"
     max_chunk_bytes: int = 16 * 1024 * 1024  # prefill/replay chunks stay well under frames
+    # Verified outputs (agent.verify): the share of steps each hop also runs on a witness
+    # (0 = off, 1 = every step), the per-row relative error still counted as agreement
+    # (absorbs bf16/fp16 vs fp32 peers), and the seed of the step draw (None: from the OS,
+    # so a peer cannot know which steps are checked; set it only to reproduce a run).
+    verify_fraction: float = 0.0
+    verify_tolerance: float = 0.05
+    verify_seed: int | None = None
 
 
 class MeshView(Protocol):
@@ -87,12 +95,14 @@ class PeerHealth:
 
     rtt_ms: dict[str, float] = field(default_factory=dict)
     failed_until: dict[str, float] = field(default_factory=dict)
+    failovers: int = 0  # failures seen over every session using this object (/metrics)
 
     def observe(self, peer_id: str, ms: float) -> None:
         old = self.rtt_ms.get(peer_id)
         self.rtt_ms[peer_id] = ms if old is None else 0.7 * old + 0.3 * ms
 
     def mark_failed(self, peer_id: str, cooldown_s: float) -> None:
+        self.failovers += 1
         self.failed_until[peer_id] = time.monotonic() + cooldown_s
 
     def avoid(self) -> set[str]:
@@ -264,6 +274,8 @@ class RouteSession:
         self.hops: list[HopState] = []
         self.failovers = 0
         self.failures: list[str] = []
+        self.avoid: set[str] = set()  # peers outvoted by verification: never again here
+        self.verifier: Verifier | None = None
 
     def route(self) -> list[dict[str, Any]]:
         return [{"peer_id": s.hop.peer_id, "span": [s.hop.start, s.hop.end]} for s in self.hops]
@@ -275,10 +287,13 @@ class RouteSession:
         for state in self.hops:
             await state.hop.close()
         self.hops = []
+        if self.verifier is not None:
+            await self.verifier.close()
 
     def _plan(self, start: int, end: int) -> list[Hop]:
         spans = self.view.spans(self.model_id)
-        return find_route(spans, start, end, rtt_ms=self.health.rtt_ms, avoid=self.health.avoid())
+        avoid = self.health.avoid() | self.avoid
+        return find_route(spans, start, end, rtt_ms=self.health.rtt_ms, avoid=avoid)
 
     async def _open_span(self, start: int, end: int) -> list[HopState]:
         """Route [start, end) and open a session on every hop, retrying around failures."""
@@ -328,10 +343,15 @@ class RouteSession:
         """Send hidden states for positions [position, position+q) through every hop."""
         i = 0
         h = hidden
+        if self.verifier is not None:
+            self.verifier.begin_step()
         while i < len(self.hops):
             state = self.hops[i]
             try:
-                out = await state.hop.step(h, position)
+                if self.verifier is not None:
+                    out = await self.verifier.run_hop(self, state, h, position)
+                else:
+                    out = await state.hop.step(h, position)
             except HopError as exc:
                 self._note_failure(exc)
                 await state.hop.close()
@@ -340,6 +360,8 @@ class RouteSession:
             state.inputs.append(h)
             h = out
             i += 1
+        if self.verifier is not None:
+            await self.verifier.end_step(self)
         return h
 
     async def _replace(self, lost: HopState) -> list[HopState]:
@@ -391,6 +413,12 @@ class GenerationResult:
     failovers: int
     text: str | None = None
     failures: list[str] = field(default_factory=list)
+    # Verified outputs (agent.verify): sampled steps checked / left unchecked for want of an
+    # independent peer, disagreements seen, and the peers outvoted ({peer_id, span, reason}).
+    verified_steps: int = 0
+    unverified_steps: int = 0
+    mismatches: int = 0
+    suspect_peers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -401,10 +429,15 @@ class GenerationResult:
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "failovers": self.failovers,
             "failures": self.failures,
+            "verified_steps": self.verified_steps,
+            "unverified_steps": self.unverified_steps,
+            "mismatches": self.mismatches,
+            "suspect_peers": self.suspect_peers,
         }
 
 
-OnToken = Callable[[int], Awaitable[None]]
+# Called with each new token; returning True stops the generation (a stop string matched).
+OnToken = Callable[[int], Awaitable[bool | None]]
 
 
 async def generate_ids(
@@ -438,6 +471,10 @@ async def generate_ids(
         cfg=cfg,
         health=health,
     )
+    if cfg.verify_fraction > 0:
+        from agent.verify import Verifier
+
+        session.verifier = Verifier(cfg)
     tokens: list[int] = []
     try:
         t0 = time.perf_counter()
@@ -448,18 +485,16 @@ async def generate_ids(
         token = int(sampler(head.logits(out[:, -1:])[:, -1])[0])
         prefill_s = time.perf_counter() - t0
         tokens.append(token)
-        if on_token:
-            await on_token(token)
+        stop = bool(on_token and await on_token(token))
         t1 = time.perf_counter()
         position = len(prompt_ids)
-        while len(tokens) < max_new_tokens and token not in eos:
+        while not stop and len(tokens) < max_new_tokens and token not in eos:
             hidden = head.embed(torch.tensor([[token]], dtype=torch.long), position)
             out = await session.step(hidden, position)
             position += 1
             token = int(sampler(head.logits(out)[:, -1])[0])
             tokens.append(token)
-            if on_token:
-                await on_token(token)
+            stop = bool(on_token and await on_token(token))
         decode_s = time.perf_counter() - t1
         decoded = len(tokens) - 1
         return GenerationResult(
@@ -469,6 +504,7 @@ async def generate_ids(
             decode_tokens_per_s=decoded / decode_s if decoded and decode_s > 0 else 0.0,
             failovers=session.failovers,
             failures=session.failures,
+            **(session.verifier.result_fields() if session.verifier else {}),
         )
     finally:
         with trio.CancelScope(shield=True):
@@ -502,20 +538,27 @@ class StandaloneView:
 
 @asynccontextmanager
 async def open_standalone(
-    bootstrap: Sequence[str], *, join_timeout_s: float = 15.0
+    bootstrap: Sequence[str],
+    *,
+    join_timeout_s: float = 15.0,
+    swarm_secret_file: Path | None = None,
 ) -> AsyncIterator[StandaloneView]:
-    """Join the mesh through `bootstrap` with a throwaway identity and listen to its ads."""
+    """Join the mesh through `bootstrap` with a throwaway identity and listen to its ads
+    (a private swarm's members admit it only with the swarm's secret)."""
     import tempfile
 
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from agent.config import AgentConfig
+    from agent.config import AgentConfig, SwarmConfig
     from agent.mesh import open_mesh
 
     if not bootstrap:
         raise GenerationError("a standalone client needs at least one --bootstrap address")
     cfg = AgentConfig(
-        state_dir=Path(tempfile.gettempdir()), listen=("/ip4/127.0.0.1/tcp/0",), mdns=False
+        state_dir=Path(tempfile.gettempdir()),
+        listen=("/ip4/127.0.0.1/tcp/0",),
+        mdns=False,
+        swarm=SwarmConfig(secret_file=swarm_secret_file),
     )
     async with open_mesh(cfg, create_new_key_pair()) as mesh, trio.open_nursery() as nursery:
         view = StandaloneView(mesh)

@@ -36,6 +36,16 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         req["prompt"] = args.prompt
     if args.model_dir is not None:
         req["model_dir"] = str(Path(args.model_dir).resolve())
+    verify = getattr(args, "verify", None)
+    if verify is not None:
+        if not 0.0 <= verify <= 1.0:
+            raise UsageError("--verify must be a fraction between 0 and 1")
+        req["verify"] = verify
+    tolerance = getattr(args, "verify_tolerance", None)
+    if tolerance is not None:
+        if not tolerance > 0:
+            raise UsageError("--verify-tolerance must be positive")
+        req["verify_tolerance"] = tolerance
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -64,6 +74,13 @@ def _finish(result: dict[str, Any], args: argparse.Namespace, text_mode: bool) -
         f"{result['decode_tokens_per_s']:.1f} tok/s, route {route}, "
         f"failovers {result['failovers']}\n"
     )
+    if result.get("verified_steps") or result.get("unverified_steps"):
+        sys.stderr.write(
+            f"verified {result['verified_steps']} steps, unverified {result['unverified_steps']}, "
+            f"mismatches {result['mismatches']}\n"
+        )
+    for s in result.get("suspect_peers", []):
+        sys.stderr.write(f"suspect peer {s['peer_id']}: {s['reason']}\n")
     return 0
 
 
@@ -97,7 +114,9 @@ def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) 
 
         request = GenerateRequest.from_json(req)
         with trio.fail_after(args.timeout):
-            async with open_standalone(args.bootstrap) as view:
+            async with open_standalone(
+                args.bootstrap, swarm_secret_file=args.swarm_secret_file
+            ) as view:
                 model_id, _ = await wait_for_model(view, args.model, timeout_s=20.0)
 
                 async def emit(event: dict[str, Any]) -> None:

@@ -4,8 +4,9 @@ load the client-side parts and tokenizer once, run `client.generate_ids`, stream
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ class GenerateRequest:
     max_new_tokens: int
     sampling: SamplingParams
     model_dir: Path | None
+    verify: float = 0.0  # share of steps verified on independent peers (agent.verify)
+    verify_tolerance: float | None = None  # None: ClientConfig's default
 
     @classmethod
     def from_json(cls, req: dict[str, Any]) -> GenerateRequest:
@@ -48,6 +51,13 @@ class GenerateRequest:
             model = req.get("model")
             if not isinstance(model, str) or not model:
                 raise ValueError("model is required")
+            verify = float(req.get("verify") or 0.0)
+            if not 0.0 <= verify <= 1.0:
+                raise ValueError("verify must be a fraction between 0 and 1")
+            tol = req.get("verify_tolerance")
+            tol = None if tol is None else float(tol)
+            if tol is not None and not (tol > 0 and math.isfinite(tol)):
+                raise ValueError("verify_tolerance must be a positive number")
         except (TypeError, ValueError) as exc:
             raise GenerationError(f"bad generate request: {exc}") from None
         model_dir = req.get("model_dir")
@@ -58,6 +68,8 @@ class GenerateRequest:
             max_new_tokens=max_new,
             sampling=sampling,
             model_dir=Path(model_dir) if model_dir else None,
+            verify=verify,
+            verify_tolerance=tol,
         )
 
 
@@ -119,7 +131,8 @@ def _load_parts(model_dir: Path, model_id: str) -> tuple[Any, Any]:
     return head, tokenizer
 
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
+# Gets {"token_id", "text"} per token; returning True stops the generation early.
+Emit = Callable[[dict[str, Any]], Awaitable[bool | None]]
 
 
 async def run_generation(
@@ -142,12 +155,17 @@ async def run_generation(
         prompt_ids = list(req.prompt_ids or [])
     text = TextStream(tokenizer)
 
-    async def on_token(token: int) -> None:
+    async def on_token(token: int) -> bool:
         delta = text.add(token)
-        if emit is not None:
-            await emit({"token_id": token, "text": delta})
+        if emit is None:
+            return False
+        return bool(await emit({"token_id": token, "text": delta}))
 
     eos = getattr(head.config, "eos_token_id", None)
+    if req.verify > 0:
+        cfg = replace(cfg or ClientConfig(), verify_fraction=req.verify)
+        if req.verify_tolerance is not None:
+            cfg = replace(cfg, verify_tolerance=req.verify_tolerance)
     result = await generate_ids(
         view,
         head,

@@ -16,6 +16,12 @@ defaults), made once under --workdir and reused. Every measurement runs in a fre
           --repeats runs, median of its decode_tokens_per_s. Its greedy tokens must equal the
           local run's.
 
+  verify  (--verify 0,0.1,1) the same k spans, each served by two agents (2k agents), and the
+          client with verified outputs (agent.verify) at each fraction: every sampled step
+          also runs on the other replica of each hop, concurrently with the primary. One
+          warm-up and --repeats runs per fraction, median decode tokens/s; the cost of a
+          fraction is its rate against fraction 0 on the same agents.
+
 Overhead per hop = (1/mesh_rate - 1/local_rate) / k, in ms: what each of the k network hops adds
 to a decode step (the embedding and LM head run on the client in both setups). "transport"
 is the client's own view of a hop: round trip of a decode step minus the step time the agent
@@ -206,14 +212,26 @@ def local_worker(model_dir: Path, prompt: list[int], n: int, repeats: int) -> di
 
 
 def mesh_worker(
-    model_dir: Path, bootstrap: str, spans: list[list[int]], prompt: list[int], n: int, reps: int
+    model_dir: Path,
+    bootstrap: str,
+    spans: list[list[int]],
+    prompt: list[int],
+    n: int,
+    reps: int,
+    fractions: list[float] | None = None,
 ) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
     import trio
 
-    from agent.client import PeerHealth, generate_ids, open_standalone, wait_for_model
+    from agent.client import (
+        ClientConfig,
+        PeerHealth,
+        generate_ids,
+        open_standalone,
+        wait_for_model,
+    )
     from agent.shards.head import ClientHead
 
     head = ClientHead.load(model_dir, dtype="float32", device="cpu")
@@ -229,6 +247,8 @@ def mesh_worker(
             if seen != want:
                 raise BenchError(f"the client sees spans {seen}, expected {want}")
             health = PeerHealth()
+            if fractions is not None:
+                return await verify_runs(view, health, fractions)
             rates, prefills, tokens, route = [], [], None, None
             for r in range(reps + 1):
                 res = await generate_ids(
@@ -252,6 +272,34 @@ def mesh_worker(
                 "torch_threads": torch.get_num_threads(),
             }
 
+    async def verify_runs(view: Any, health: Any, fracs: list[float]) -> dict[str, Any]:
+        rows = []
+        for fraction in fracs:
+            cfg = ClientConfig(verify_fraction=fraction)
+            rates, res = [], None
+            for r in range(reps + 1):
+                res = await generate_ids(
+                    view, head, prompt, max_new_tokens=n, eos_token_id=None, cfg=cfg, health=health
+                )
+                if res.failovers or res.suspect_peers:
+                    raise BenchError(f"failovers during the benchmark: {res.failures}")
+                if r:
+                    rates.append(res.decode_tokens_per_s)
+            assert res is not None
+            rows.append(
+                {
+                    "fraction": fraction,
+                    "decode_tokens_per_s": statistics.median(rates),
+                    "runs_tokens_per_s": rates,
+                    "verified_steps": res.verified_steps,
+                    "unverified_steps": res.unverified_steps,
+                    "mismatches": res.mismatches,
+                    "token_ids": res.token_ids,
+                    "route": res.route,
+                }
+            )
+        return {"verify": rows, "torch_threads": torch.get_num_threads()}
+
     return trio.run(run)
 
 
@@ -266,6 +314,7 @@ def worker_main(argv: Sequence[str]) -> int:
     p.add_argument("--bootstrap")
     p.add_argument("--spans")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", help="JSON list of verify fractions")
     a = p.parse_args(argv)
     try:
         if a.kind == "make":
@@ -276,7 +325,7 @@ def worker_main(argv: Sequence[str]) -> int:
         else:
             out = mesh_worker(
                 a.model_dir, a.bootstrap, json.loads(a.spans), json.loads(a.prompt), a.tokens,
-                a.repeats,
+                a.repeats, json.loads(a.verify) if a.verify else None,
             )  # fmt: skip
     except Exception as exc:  # reported to the parent: traceback, then one summary line
         leaf = _first_leaf(exc)
@@ -403,12 +452,11 @@ class AgentProc:
 
 @contextlib.contextmanager
 def agents_running(
-    model_dir: Path, spans: list[tuple[int, int]], root: Path, timeout: float
+    model_dir: Path, spans: list[tuple[int, int]], root: Path, timeout: float, prefix: str = ""
 ) -> Iterator[list[AgentProc]]:
     """k agents, agent 0 alone and the others bootstrapped to it; all stopped on exit."""
-    agents = [
-        AgentProc(f"k{len(spans)}-a{i}", root, model_dir, span) for i, span in enumerate(spans)
-    ]
+    prefix = prefix or f"k{len(spans)}"
+    agents = [AgentProc(f"{prefix}-a{i}", root, model_dir, span) for i, span in enumerate(spans)]
     try:
         for i, a in enumerate(agents):
             a.spawn(agents[0].addr if i else None)
@@ -512,13 +560,35 @@ def print_table(report: dict[str, Any]) -> None:
             "other work competed for the CPU, so these numbers are not representative.",
             file=sys.stderr,
         )
+    if report.get("verify"):
+        print_verify_table(report)
     bad = [r["k"] for r in report["mesh"] if r.get("tokens_match") is False]
+    bad += [r["k"] for r in report.get("verify", []) if r.get("tokens_match") is False]
     if bad:
         print(
             f"\n!!! MISMATCH: the mesh with k={bad} produced different greedy tokens than "
             "generate() — a bug !!!",
             file=sys.stderr,
         )
+
+
+def print_verify_table(report: dict[str, Any]) -> None:
+    print(f"\n{'verified outputs':<18} {'fraction':>8} {'decode tok/s':>12} {'vs off':>7}"
+          f" {'verified':>8} {'unverified':>10}  tokens")  # fmt: skip
+    for r in report["verify"]:
+        name = f"k={r['k']} ({2 * r['k']} agents)"
+        if "error" in r:
+            print(f"{name:<18} failed: {r['error']}")
+            continue
+        match = "same" if r["tokens_match"] else f"DIFFER at {r['first_mismatch']}"
+        print(f"{name:<18} {r['fraction']:>8g} {r['decode_tokens_per_s']:>12.2f} "
+              f"{r['vs_off']:>7.3f} {r['verified_steps']:>8} {r['unverified_steps']:>10}  "
+              f"{match}")  # fmt: skip
+    print(
+        "verified outputs: every span served by two agents; a sampled step also runs on the"
+        "\nother replica of each hop (concurrently). vs off = rate / rate at fraction 0, same "
+        "agents;\nverified/unverified = steps of the last run (prefill counts as one)."
+    )
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -534,6 +604,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     p.add_argument("--agents", default="1,2,3", help="comma-separated mesh sizes")
+    p.add_argument(
+        "--verify",
+        default="",
+        metavar="FRACTIONS",
+        help="also measure verified outputs at these fractions, e.g. 0,0.1,1 (2k agents per k)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench_generate.json")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/shardmesh-bench"))
     p.add_argument("--timeout", type=float, default=900.0, help="per worker process, s")
@@ -545,6 +621,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--agents: expected integers like 1,2,3, got {args.agents!r}")
     if not args.agent_counts or min(args.agent_counts) < 1:
         p.error("--agents: every count must be at least 1")
+    try:
+        args.verify_fractions = [float(s) for s in args.verify.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--verify: expected fractions like 0,0.1,1, got {args.verify!r}")
+    if any(not 0.0 <= f <= 1.0 for f in args.verify_fractions):
+        p.error("--verify: every fraction must be between 0 and 1")
     if max(args.agent_counts) > args.layers:
         p.error("--agents: more agents than layers")
     if args.tokens < 2 or args.repeats < 1 or args.prompt_tokens < 1:
@@ -620,7 +702,46 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         report["mesh"].append(row)
+    if args.verify_fractions:
+        report["verify"] = bench_verify(args, model_dir, common, local, root)
     return report
+
+
+def bench_verify(
+    args: argparse.Namespace,
+    model_dir: Path,
+    common: list[str],
+    local: dict[str, Any],
+    root: Path,
+) -> list[dict[str, Any]]:
+    """Per k: every span served twice, then the client at each verify fraction."""
+    rows: list[dict[str, Any]] = []
+    fractions = json.dumps(args.verify_fractions)
+    for k in args.agent_counts:
+        spans = split_layers(args.layers, k)
+        print(f"verify k={k}: spans {spans}, each on two agents ...", flush=True)
+        try:
+            with agents_running(model_dir, spans * 2, root, args.ready_timeout, f"v{k}") as agents:
+                worker = ["mesh", *common, "--spans", json.dumps(spans * 2), "--verify", fractions]
+                res = run_worker([*worker, "--bootstrap", agents[0].addr], args.timeout)
+        except BenchError as exc:
+            print(f"verify k={k}: FAILED: {exc}", flush=True)
+            rows.append({"k": k, "error": str(exc)})
+            continue
+        off = next((r for r in res["verify"] if r["fraction"] == 0), None)
+        for r in res["verify"]:
+            r["k"] = k
+            r["vs_off"] = r["decode_tokens_per_s"] / off["decode_tokens_per_s"] if off else 1.0
+            r["first_mismatch"] = first_mismatch(local["token_ids"], r["token_ids"])
+            r["tokens_match"] = r["first_mismatch"] is None
+            print(
+                f"verify k={k} fraction {r['fraction']:g}: {r['decode_tokens_per_s']:.2f} tok/s, "
+                f"{r['verified_steps']} steps verified, "
+                f"tokens {'same' if r['tokens_match'] else 'DIFFERENT'}",
+                flush=True,
+            )
+            rows.append(r)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -645,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     failed = [r["k"] for r in report["mesh"] if "error" in r or not r.get("tokens_match")]
+    failed += [r["k"] for r in report.get("verify", []) if not r.get("tokens_match")]
     return 1 if failed else 0
 
 

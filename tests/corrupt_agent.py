@@ -1,0 +1,30 @@
+"""A real agent that lies: `python tests/corrupt_agent.py up ...` runs `shardmesh` exactly as a
+user would, except that every step's output has its last row shifted by SHARDMESH_CORRUPT
+(default 0.5), the row a decode step's next token comes from. Used by tests/test_verify.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from agent import serving
+from agent.cli import main
+
+AMOUNT = float(os.environ.get("SHARDMESH_CORRUPT", "0.5"))
+_honest_forward = serving.Serving._forward
+
+
+def _corrupt_forward(self: Any, session: Any, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    out = _honest_forward(self, session, hidden, position)
+    bump = torch.zeros_like(out)
+    bump[:, -1] = AMOUNT
+    return out + bump
+
+
+serving.Serving._forward = _corrupt_forward  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
