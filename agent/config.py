@@ -37,11 +37,20 @@ def default_state_dir() -> Path:
     return Path(base) / "shardmesh"
 
 
+# Where systemd/shardmesh.service puts the agent's socket: its RuntimeDirectory=.
+SERVICE_CONTROL_SOCKET = Path("/run/shardmesh/control.sock")
+
+
 def default_control_socket(state_dir: Path | None = None) -> Path:
     env = os.environ.get("SHARDMESH_CONTROL")
     if env:
         return Path(env)
-    return (state_dir or default_state_dir()) / "control.sock"
+    own = (state_dir or default_state_dir()) / "control.sock"
+    # No agent of our own, but the system service runs: ask it (root may; anyone else is
+    # told permission is denied, not that no agent runs).
+    if state_dir is None and not os.path.exists(own) and os.path.exists(SERVICE_CONTROL_SOCKET):
+        return SERVICE_CONTROL_SOCKET
+    return own
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,8 @@ class LimitsConfig:
     # nobody else notices.
     max_connections: int = 256
     per_peer_connections: int = 2
-    per_peer_sessions: int = 8
-    per_peer_requests_per_s: float = 200.0
+    per_peer_sessions: int = 16
+    per_peer_requests_per_s: float = 1000.0
     per_peer_bytes_per_s: float = 256.0 * 1024 * 1024
     # KV-cache tokens one peer may reserve; 0 = half the agent's KV budget.
     per_peer_kv_tokens: int = 0
@@ -86,7 +95,7 @@ class IdleConfig:
     # Thresholds on what *other* processes use (NVML, per process).
     gpu_utilization_max: float = 10.0  # percent
     gpu_memory_max_mib: float = 1024.0
-    cpu_load_max: float = 0.0  # 1-minute load average per core; 0 = not checked
+    cpu_load_max: float = 0.0  # share of all cores other processes use, 0..1; 0 = off
     yield_to_users: bool = False  # anyone logged in counts as the owner being back
     check_interval: float = 2.0  # seconds between checks
     drain_grace: float = 30.0  # seconds running sessions get to finish or move
@@ -116,6 +125,8 @@ class AgentConfig:
     announce_interval: float = 5.0  # seconds; stretched as the mesh grows (node.py)
     ad_ttl: float = 20.0  # seconds
     bootstrap_retry_max: float = 30.0
+    # Seconds the agent waits for a bootstrap peer before telling systemd it is ready anyway.
+    bootstrap_wait: float = 30.0
     # Serving (issue: sharded blocks). None model = a node that only relays and routes.
     model: Path | None = None
     blocks: str = "auto"
@@ -279,6 +290,8 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f"{key}: must be positive")
     if cfg.ad_ttl < cfg.announce_interval:
         raise ConfigError("ad_ttl: must be at least announce_interval")
+    if cfg.bootstrap_wait < 0:
+        raise ConfigError("bootstrap_wait: must not be negative")
     if cfg.threads < 0:
         raise ConfigError("threads: must be 0 (auto) or positive")
     if cfg.max_blocks < 0:
@@ -333,17 +346,47 @@ def _validate_idle(idle: IdleConfig) -> None:
     for key in ("gpu_memory_max_mib", "cpu_load_max", "drain_grace", "holdoff"):
         if getattr(idle, key) < 0:
             raise ConfigError(f"idle.{key}: must not be negative")
+    if idle.cpu_load_max > 1:
+        raise ConfigError("idle.cpu_load_max: a share of all cores, 0..1 (0: not checked)")
     if idle.check_interval <= 0:
         raise ConfigError("idle.check_interval: must be positive")
 
 
 def _validate_api(api: ApiConfig) -> None:
     if api.listen:
-        parse_host_port(api.listen, "api.listen")
+        host, _ = api_address(api)
+        if not is_loopback(host) and api.key_file is None:
+            raise ConfigError(
+                f"api.listen: {api.listen} is reachable from other machines, so the API needs "
+                "bearer keys: set api.key_file (--api-key-file), or listen on 127.0.0.1"
+            )
     if api.max_concurrent < 1:
         raise ConfigError("api.max_concurrent: must be at least 1")
     if api.request_timeout <= 0:
         raise ConfigError("api.request_timeout: must be positive")
+
+
+API_DEFAULT_HOST = "127.0.0.1"
+
+
+def api_address(api: ApiConfig) -> tuple[str, int]:
+    """api.listen as (host, port); a bare `PORT` or `:PORT` binds loopback."""
+    text = api.listen
+    if text.isdigit() or text.startswith(":"):
+        text = f"{API_DEFAULT_HOST}:{text.lstrip(':')}"
+    return parse_host_port(text, "api.listen")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other host name may resolve anywhere
 
 
 def parse_host_port(text: str, key: str = "address") -> tuple[str, int]:

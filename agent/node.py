@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import control
+from agent import control, service
 from agent.config import AgentConfig
 from agent.devices import DeviceReport, discover
 from agent.errors import ShardmeshError
@@ -31,6 +31,9 @@ from protocol import CapacityAd, DeviceSummary, encode_signed_ad
 from protocol.ids import CAPACITY_TOPIC, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
+    from agent.client import PeerHealth
+    from agent.generation import ClientParts
+    from agent.idlewatch import IdleWatch
     from agent.serving import Serving
 
 log = logging.getLogger("shardmesh.agent")
@@ -74,8 +77,9 @@ class Node:
         # Peers mDNS found on the LAN, pushed from zeroconf's thread: (peer id, addrs).
         self.discovered: queue.SimpleQueue[tuple[str, list[str]]] = queue.SimpleQueue()
         self.joined = trio.Event()
-        self._client_parts: Any = None
-        self._health: Any = None
+        self._client_parts: ClientParts | None = None
+        self._health: PeerHealth | None = None
+        self.idle: IdleWatch | None = None  # set when [idle] is enabled and a model is served
 
     # --- what the generation client needs (agent.client.MeshView) -----------------------
     @property
@@ -115,8 +119,7 @@ class Node:
 
     async def generate(self, req: dict[str, Any], emit: control.Emit) -> Any:
         """The control API's `generate`: imports torch on first use only."""
-        from agent.client import PeerHealth
-        from agent.generation import ClientParts, GenerateRequest, run_generation
+        from agent.generation import GenerateRequest, run_generation
         from agent.modelresolve import resolve_model
 
         request = GenerateRequest.from_json(req)
@@ -128,11 +131,21 @@ class Node:
             raise ShardmeshError(
                 f"this agent has no local checkpoint of {model_id}: pass --model-dir DIR"
             )
-        if self._client_parts is None:
+        parts, health = self.client_state()
+        return await run_generation(self, parts, request, model_id, model_dir, emit, health=health)
+
+    def client_state(self) -> tuple[ClientParts, PeerHealth]:
+        """The head/tokenizer cache and peer failure history shared by every way a
+        generation reaches this agent (control socket, HTTP API)."""
+        from agent.client import PeerHealth
+        from agent.generation import ClientParts
+
+        if self._client_parts is None or self._health is None:
             self._client_parts, self._health = ClientParts(), PeerHealth()
-        return await run_generation(
-            self, self._client_parts, request, model_id, model_dir, emit, health=self._health
-        )
+        return self._client_parts, self._health
+
+    def failovers(self) -> int:
+        return self._health.failovers if self._health is not None else 0
 
     # --- ads ---------------------------------------------------------------------------
     def build_ad(self, state: str | None = None) -> CapacityAd:
@@ -283,12 +296,18 @@ class Node:
             "ad_delay_ms": _percentiles(self.mesh.ad_delays_ms),
             "gossip_mesh_peers": self.mesh.gossip_mesh_size(),
         }
+        if self.mesh.gate is not None:
+            result.update(self.mesh.gate.status())  # "swarm", "swarm_refused"
         if self.serving:
             result.update(self.serving.status())
+        if self.idle:
+            result["idle"] = self.idle.status()
         return result
 
     def protocols(self) -> list[str]:
-        protos = [f"/meshsub/1.1.0 (topic {CAPACITY_TOPIC})"]
+        from protocol.swarm import SWARM_AUTH_PROTOCOL_ID
+
+        protos = [f"/meshsub/1.1.0 (topic {CAPACITY_TOPIC})", SWARM_AUTH_PROTOCOL_ID]
         if self.serving:
             protos.insert(0, self.serving.protocol_id)
         return protos
@@ -377,6 +396,10 @@ async def run_agent(cfg: AgentConfig) -> None:
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_pair = load_or_create_identity(cfg.identity_path)
     control.prepare_socket_path(cfg.control_socket)
+    if cfg.swarm.secret_file is not None:
+        from agent.swarm import load_secret
+
+        load_secret(cfg.swarm.secret_file)  # fail now, not after loading torch and blocks
     signing_key = Ed25519PrivateKey.from_private_bytes(private_seed(key_pair))
     serving = None
     if cfg.model is not None:
@@ -429,25 +452,41 @@ async def _run_mesh(
                     {"status": _wrap(node.status), "peers": _wrap(node.peers)},
                     {"generate": node.generate},
                 )
+                if cfg.api.listen:  # OpenAI-compatible API and /metrics (agent.httpapi)
+                    from agent.httpapi import serve_api
+
+                    await nursery.start(serve_api, node)
+                nursery.start_soon(service.supervise, node)  # systemd: STATUS=, WATCHDOG=1
                 nursery.start_soon(node.announce_loop)
                 nursery.start_soon(_leave_on_signal, signals, node, nursery.cancel_scope, leaving)
+                online = True
                 if serving is not None:
                     node.serving = serving
                     # Ads say "joining" (with the chosen span) while the blocks load.
-                    await serving.start(node, nursery)
-                node.info.state, node.info.reason = "online", _reason(node)
+                    if cfg.idle.enabled:
+                        from agent.idlewatch import IdleWatch
+
+                        node.idle = IdleWatch(node, serving)
+                        online = await node.idle.start(nursery)
+                    else:
+                        await serving.start(node, nursery)
+                if online:
+                    node.info.state, node.info.reason = "online", serving_reason(node)
                 await node.publish_ad()
-                log.info("agent online")
+                log.info("agent %s", "online" if online else "up, serving nothing for now")
+                nursery.start_soon(service.announce_ready, node)  # systemd: READY=1
 
 
 async def _leave_on_signal(
     signals: Any, node: Node, scope: trio.CancelScope, leaving: trio.Event
 ) -> None:
-    """SIGTERM/SIGINT at any point (also while blocks load): say goodbye, then stop."""
+    """SIGTERM/SIGINT at any point (also while blocks load): drain, say goodbye, stop."""
     async for signum in signals:
         log.info("received %s, leaving the mesh", signal.Signals(signum).name)
+        service.notify_stopping(f"received {signal.Signals(signum).name}")
         break
     leaving.set()
+    await _drain_for_shutdown(node, signals)
     node.info.state = "leaving"
     with trio.move_on_after(LEAVE_GRACE_S):
         await node.publish_ad("leaving")
@@ -460,7 +499,43 @@ async def _leave_on_signal(
     scope.cancel()
 
 
-def _reason(node: Node) -> str:
+async def _drain_for_shutdown(node: Node, signals: Any) -> None:
+    """Like the owner coming back: no new sessions, and running ones get the grace period
+    (bounded by systemd's stop timeout, leaving time to leave) to finish; what is left is
+    ended so its clients fail over at once. A second signal skips the wait."""
+    serving = node.serving
+    if serving is None or serving.shard is None:
+        return
+    serving.draining = True
+    from agent.sdnotify import bounded_grace
+
+    grace = bounded_grace(node.cfg.idle.drain_grace)
+    if serving.active_sessions() and grace > 0:
+        node.info.state = "draining"
+        node.info.reason = f"stopping: {serving.active_sessions()} sessions get {grace:.0f} s"
+        log.info("draining %d sessions for up to %.0f s", serving.active_sessions(), grace)
+        with trio.move_on_after(grace):
+            async with trio.open_nursery() as nursery:
+
+                async def second_signal() -> None:
+                    async for _ in signals:
+                        log.info("second signal: leaving now")
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(second_signal)
+                with trio.move_on_after(1.5):
+                    await node.publish_ad("draining")
+                while serving.active_sessions():
+                    await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+    left = serving.active_sessions()
+    if left:
+        log.warning("ending %d sessions still open (their clients fail over)", left)
+    with trio.move_on_after(2.0):
+        await serving.end_sessions()
+
+
+def serving_reason(node: Node) -> str:
     if node.serving:
         s, e = node.serving.span
         return f"serving blocks {s}:{e} of {node.serving.model_name}"

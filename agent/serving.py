@@ -19,7 +19,9 @@ import trio
 
 from agent.config import AgentConfig
 from agent.errors import ShardmeshError
+from agent.metrics import STEP_SECONDS
 from agent.modelinfo import ModelError, ModelInfo, block_param_bytes, read_model_info
+from agent.peerlimits import LimitExceeded, PeerLimits
 from agent.placement import blocks_that_fit, choose_span
 from agent.streamio import FramedStream, StreamGone
 from protocol import (
@@ -69,6 +71,8 @@ class Session:
     reserved_bytes: int
     opened: float
     steps: int = 0
+    stream: Any = None  # the libp2p stream it lives on (None for the agent's own client)
+    handler: trio.CancelScope | None = None  # cancels that stream's handler
 
 
 class Serving:
@@ -89,6 +93,9 @@ class Serving:
         self._compute = trio.CapacityLimiter(1)  # one forward at a time on the device
         self.tokens_served = 0
         self.errors_sent: dict[str, int] = {}
+        self.peer_limits = PeerLimits(cfg.limits)  # one peer over a limit: only it notices
+        # Set while the owner needs the machine or the agent is stopping: no new sessions.
+        self.draining = False
 
     # --- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -129,6 +136,17 @@ class Serving:
 
     async def start(self, node: Node, nursery: trio.Nursery) -> None:
         """Choose the span, load it, measure it, and open the forward protocol."""
+        await self.load(node)
+        self.open_protocol(node, nursery)
+
+    def open_protocol(self, node: Node, nursery: trio.Nursery) -> None:
+        """Answer the forward protocol (requests get "busy" while no blocks are loaded)."""
+        node.mesh.host.set_stream_handler(FORWARD_PROTOCOL_ID, self.handle_stream)
+        nursery.start_soon(self._log_load)
+
+    async def load(self, node: Node) -> None:
+        """Choose the span (again, with auto placement: the mesh may have changed while we
+        were away), load its blocks, measure them and size the KV budget."""
         device = _pick_device(self.cfg, node)
         span = self.cfg.block_range()
         if span is None:
@@ -140,14 +158,51 @@ class Serving:
         self.shard = await trio.to_thread.run_sync(self._load, device)
         self.throughput = await trio.to_thread.run_sync(self.shard.measure_throughput)
         self.kv_budget_bytes = _kv_budget(self.shard, self.cfg)
+        self.peer_limits.set_kv_budget(self.kv_budget_bytes, self.shard.kv_bytes_per_token())
         log.info(
             "loaded in %.1f s; throughput %.0f blocks*tokens/s; KV budget %d tokens",
             time.monotonic() - t0,
             self.throughput,
             self.kv_free_tokens(),
         )
-        node.mesh.host.set_stream_handler(FORWARD_PROTOCOL_ID, self.handle_stream)
-        nursery.start_soon(self._log_load)
+        self.draining = False
+
+    async def unload(self) -> None:
+        """End every session (clients fail over and replay elsewhere), then free the blocks'
+        memory. Remote sessions end by resetting their stream; the stream handler closes
+        them once any forward in flight has finished."""
+        self.draining = True
+        await self.end_sessions()
+        async with self._compute:  # no forward may be running on the blocks we drop
+            shard, self.shard = self.shard, None
+            self._span_chosen = False
+            self.kv_budget_bytes = 0
+            self.throughput = 0.0
+            device = str(shard.device) if shard is not None else "cpu"
+            del shard
+            await trio.to_thread.run_sync(_release_memory, device)
+        log.info("blocks unloaded; memory returned")
+
+    async def end_sessions(self) -> None:
+        """End every open session now; a remote client sees its stream reset and fails over."""
+        for session in list(self.sessions.values()):
+            if session.stream is None:
+                self.close_session(session)
+            else:
+                # The reset tells the client at once; cancelling the handler wakes it from
+                # its read (a forward in flight finishes first: threads are not cancelled).
+                with trio.move_on_after(1.0):
+                    try:
+                        await session.stream.reset()
+                    except Exception as exc:  # already gone: its handler cleans up
+                        log.debug("resetting a session stream: %s", exc)
+                if session.handler is not None:
+                    session.handler.cancel()
+        with trio.move_on_after(WRITE_TIMEOUT_S):
+            while self.sessions:
+                await trio.sleep(0.05)
+        for session in list(self.sessions.values()):
+            self.close_session(session)
 
     def _load(self, device: str) -> ShardModel:
         from agent.shards.blocks import ShardModel
@@ -227,36 +282,49 @@ class Serving:
             "kv_free_tokens": self.kv_free_tokens(),
             "tokens_served": self.tokens_served,
             "dtype": self.cfg.dtype,
+            "draining": self.draining,
             "device": str(self.shard.device) if self.shard else None,
             "forward_errors": dict(self.errors_sent),
+            "peer_limits": self.peer_limits.status(),
         }
 
     # --- the forward protocol -------------------------------------------------------------
     async def handle_stream(self, stream: Any) -> None:
+        # Its own cancel scope, so that end_sessions can stop a handler blocked on a read.
+        with trio.CancelScope() as scope:
+            await self._serve_stream(stream, scope)
+
+    async def _serve_stream(self, stream: Any, scope: trio.CancelScope) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
         framed = FramedStream(stream, max_frame=self.cfg.limits.max_frame_bytes)
         session: Session | None = None
+        charged = 0  # bytes of this stream already charged to the peer's byte rate
         try:
             while True:
                 with trio.move_on_after(self.cfg.limits.session_idle_timeout) as idle:
                     try:
                         msg = await framed.receive()
-                    except FrameTooLarge as exc:
-                        await self._reply_error(framed, "too_large", str(exc), None)
-                        continue
-                    except ProtocolError as exc:
-                        await self._reply_error(framed, exc.code, str(exc), None)
+                    except ProtocolError as exc:  # FrameTooLarge included
+                        # A frame that does not decode still costs the peer a request and
+                        # its bytes: garbage is paced like anything else.
+                        nbytes, charged = framed.bytes_in - charged, framed.bytes_in
+                        code = "too_large" if isinstance(exc, FrameTooLarge) else exc.code
+                        if not await self._refuse_frame(framed, peer, nbytes, code, str(exc)):
+                            return
                         continue
                 if idle.cancelled_caught:
                     log.info("session of %s idle too long; closing", peer)
                     return
                 if isinstance(msg, CloseSession):
                     return
+                nbytes, charged = framed.bytes_in - charged, framed.bytes_in
                 try:
+                    await self._pace(peer, nbytes)
                     if isinstance(msg, OpenSession):
                         if session is not None:
                             raise RequestRejected("bad_request", "a session is already open")
                         session = self.open_session(peer, msg)
+                        session.stream, session.handler = stream, scope
                         reply: Any = SessionOpened(
                             session_id=session.id,
                             max_length=session.max_length,
@@ -269,6 +337,9 @@ class Serving:
                 except RequestRejected as exc:
                     step = msg.step if isinstance(msg, Step) else None
                     await self._reply_error(framed, exc.code, str(exc), step)
+                    if exc.code == "rate_limited" and self.peer_limits.should_drop(peer):
+                        log.info("%s ignores rate limiting; dropping its stream", peer)
+                        return
                     continue
                 with trio.fail_after(WRITE_TIMEOUT_S):
                     await framed.send(reply)
@@ -278,6 +349,27 @@ class Serving:
             if session is not None:
                 self.close_session(session)
             await framed.close()
+
+    async def _refuse_frame(
+        self, framed: FramedStream, peer: str, nbytes: int, code: str, message: str
+    ) -> bool:
+        """Answer an undecodable frame after pacing it; False: drop the peer's stream."""
+        try:
+            await self._pace(peer, nbytes)
+        except RequestRejected as exc:
+            code, message = exc.code, str(exc)
+        await self._reply_error(framed, code, message, None)
+        return not (code == "rate_limited" and self.peer_limits.should_drop(peer))
+
+    async def _pace(self, peer: str, nbytes: int) -> None:
+        """Per-peer requests/s and bytes/s: wait for the peer's turn, or refuse the request
+        when that wait would be too long."""
+        try:
+            wait = self.peer_limits.admit(peer, nbytes)
+        except LimitExceeded as exc:
+            raise RequestRejected(exc.code, str(exc)) from None
+        if wait > 0:
+            await trio.sleep(wait)
 
     async def _reply_error(
         self, framed: FramedStream, code: str, message: str, step: int | None
@@ -290,6 +382,8 @@ class Serving:
         lim = self.cfg.limits
         if self.shard is None:
             raise RequestRejected("busy", "blocks are not loaded")
+        if self.draining:
+            raise RequestRejected("draining", "this peer is draining: its owner needs it")
         if msg.model_id != self.model_id:
             raise RequestRejected(
                 "wrong_model", f"this peer serves {self.model_id}, not {msg.model_id}"
@@ -319,6 +413,11 @@ class Serving:
                 f"not enough KV-cache memory for {msg.batch}x{msg.max_length} tokens "
                 f"({self.kv_free_tokens()} tokens free)",
             )
+        if peer != "local":  # the agent's own client is its owner: global limits only
+            try:
+                self.peer_limits.open_session(peer, need)
+            except LimitExceeded as exc:
+                raise RequestRejected(exc.code, str(exc)) from None
         session = Session(
             id=secrets.token_hex(8),
             peer=peer,
@@ -339,6 +438,8 @@ class Serving:
     def close_session(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self._reserved -= session.reserved_bytes
+            if session.peer != "local":
+                self.peer_limits.close_session(session.peer, session.reserved_bytes)
             log.debug("session %s closed after %d steps", session.id, session.steps)
 
     async def run_step(self, session: Session | None, msg: Step) -> StepResult:
@@ -346,6 +447,8 @@ class Serving:
 
         if session is None:
             raise RequestRejected("no_session", "open a session before sending steps")
+        if session.id not in self.sessions or self.shard is None:
+            raise RequestRejected("no_session", "the session was ended: blocks unloaded")
         t = msg.hidden
         if t.dtype != session.dtype:
             raise RequestRejected("wrong_dtype", f"hidden states must be {session.dtype}")
@@ -389,6 +492,7 @@ class Serving:
         session.steps += 1
         self.tokens_served += t.shape[0] * t.shape[1]
         elapsed = (time.perf_counter() - t0) * 1000
+        STEP_SECONDS.observe(elapsed / 1000)
         return StepResult(step=msg.step, hidden=to_frame(out), elapsed_ms=elapsed)
 
     def _forward(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
@@ -420,6 +524,17 @@ def _pick_device(cfg: AgentConfig, node: Node) -> str:
     import torch
 
     return f"cuda:{index}" if torch.cuda.is_available() else "cpu"
+
+
+def _release_memory(device: str) -> None:
+    """Give freed blocks back: collect cycles, and return CUDA's cached blocks to the driver."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def _free_memory(device: str) -> int:
