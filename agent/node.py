@@ -470,7 +470,7 @@ async def _run_mesh(
                         online = await node.idle.start(nursery)
                     else:
                         await serving.start(node, nursery)
-                if online:
+                if online and not leaving.is_set():  # a signal during loading wins
                     node.info.state, node.info.reason = "online", serving_reason(node)
                 await node.publish_ad()
                 log.info("agent %s", "online" if online else "up, serving nothing for now")
