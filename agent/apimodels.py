@@ -8,10 +8,8 @@ directory's name) unless two models on the mesh share that name; then the full m
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
@@ -26,7 +24,6 @@ Models = dict[str, tuple[str | None, int | None]]  # model id -> (name, n_blocks
 @dataclass(frozen=True)
 class Checkpoint:
     info: ModelInfo
-    eos_ids: frozenset[int]  # generation_config.json's, which chat models often extend
 
 
 @dataclass(frozen=True)
@@ -44,18 +41,8 @@ def load_checkpoints(cfg: AgentConfig) -> dict[str, Checkpoint]:
             info = read_model_info(d)
         except ModelError as exc:
             raise ShardmeshError(f"api.model_dirs: {exc}") from None
-        out[info.model_id] = Checkpoint(info, _generation_eos(info.path))
+        out[info.model_id] = Checkpoint(info)
     return out
-
-
-def _generation_eos(path: Path) -> frozenset[int]:
-    try:
-        data = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return frozenset()
-    eos = data.get("eos_token_id") if isinstance(data, dict) else None
-    items = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
-    return frozenset(i for i in items if isinstance(i, int) and not isinstance(i, bool))
 
 
 class ApiModels:

@@ -3,6 +3,7 @@ load the client-side parts and tokenizer once, run `client.generate_ids`, stream
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -132,6 +133,25 @@ def _load_parts(model_dir: Path, model_id: str) -> tuple[Any, Any]:
 
 
 # Gets {"token_id", "text"} per token; returning True stops the generation early.
+def end_token_ids(model_dir: Path, config: Any) -> frozenset[int]:
+    """Tokens that end a generation: the model config's eos ids and generation_config.json's,
+    which chat models extend (Llama 3 Instruct ends turns with <|eot_id|> there). The CLI,
+    the control socket and the HTTP API all stop at the same set."""
+    ids: set[int] = set()
+    for value in (getattr(config, "eos_token_id", None), _generation_config_eos(model_dir)):
+        items = [value] if isinstance(value, int) else value if isinstance(value, list) else []
+        ids.update(i for i in items if isinstance(i, int) and not isinstance(i, bool))
+    return frozenset(ids)
+
+
+def _generation_config_eos(model_dir: Path) -> Any:
+    try:
+        data = json.loads((Path(model_dir) / "generation_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("eos_token_id") if isinstance(data, dict) else None
+
+
 Emit = Callable[[dict[str, Any]], Awaitable[bool | None]]
 
 
@@ -161,7 +181,7 @@ async def run_generation(
             return False
         return bool(await emit({"token_id": token, "text": delta}))
 
-    eos = getattr(head.config, "eos_token_id", None)
+    eos = end_token_ids(model_dir, head.config)
     if req.verify > 0:
         cfg = replace(cfg or ClientConfig(), verify_fraction=req.verify)
         if req.verify_tolerance is not None:

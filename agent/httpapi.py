@@ -167,7 +167,7 @@ class ApiServer:
             return await self._run(job, on_text)
 
     async def _run(self, job: Job, on_text: OnText | None) -> Outcome:
-        from agent.generation import GenerateRequest, run_generation
+        from agent.generation import GenerateRequest, end_token_ids, run_generation
         from agent.sampling import SamplingParams
 
         parts, health = self._client_state()
@@ -176,7 +176,7 @@ class ApiServer:
         prompt_ids = _prompt_ids(job, tok, head.info.vocab_size)
         context = _context(head.config, self.node.cfg.limits.max_session_tokens)
         max_new = completion_budget(job.settings.max_tokens, job.chat, len(prompt_ids), context)
-        eos = set(job.model.checkpoint.eos_ids) | _config_eos(head.config)
+        eos = end_token_ids(info.path, head.config)  # what run_generation stops at
         stops = StopText(job.settings.stop)
         released: list[str] = []
 
@@ -185,8 +185,7 @@ class ApiServer:
             if on_text is not None:
                 released.append(delta)
                 await on_text(delta)
-            # Also stop at generation_config's end tokens (chat models often add some).
-            return stops.hit or event["token_id"] in eos
+            return stops.hit
 
         s = job.settings
         seed = s.seed if s.seed is not None else secrets.randbelow(2**63)
@@ -254,13 +253,6 @@ def _context(config: Any, session_limit: int) -> int:
         config, "n_positions", None
     )
     return min(int(positions), session_limit) if positions else session_limit
-
-
-def _config_eos(config: Any) -> set[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
-        return {eos}
-    return {int(i) for i in eos or ()}
 
 
 async def _read_json(request: Request) -> Any:

@@ -322,7 +322,7 @@ def _ck(name: str, digest: str, n_blocks: int = 4) -> Checkpoint:
         torch_dtype=None,
         path=Path("/nonexistent"),
     )
-    return Checkpoint(info, frozenset())
+    return Checkpoint(info)
 
 
 def test_models_listed_when_covered_and_local() -> None:
