@@ -95,14 +95,13 @@ class PeerHealth:
 
     rtt_ms: dict[str, float] = field(default_factory=dict)
     failed_until: dict[str, float] = field(default_factory=dict)
-    failovers: int = 0  # failures seen over every session using this object (/metrics)
+    failovers: int = 0  # failovers over every session using this object (/metrics)
 
     def observe(self, peer_id: str, ms: float) -> None:
         old = self.rtt_ms.get(peer_id)
         self.rtt_ms[peer_id] = ms if old is None else 0.7 * old + 0.3 * ms
 
     def mark_failed(self, peer_id: str, cooldown_s: float) -> None:
-        self.failovers += 1
         self.failed_until[peer_id] = time.monotonic() + cooldown_s
 
     def avoid(self) -> set[str]:
@@ -332,7 +331,10 @@ class RouteSession:
         return RemoteHop(self.view, hop, self.cfg, self.health)
 
     def _note_failure(self, exc: HopError) -> None:
+        # Counted here, not in mark_failed: verification also marks witnesses that fail or
+        # lose a vote, and those are no failovers.
         self.failovers += 1
+        self.health.failovers += 1
         self.failures.append(str(exc))
         self.health.mark_failed(exc.peer_id, self.cfg.failed_peer_cooldown_s)
         log.warning("failover %d: %s", self.failovers, exc)

@@ -132,7 +132,6 @@ def _load_parts(model_dir: Path, model_id: str) -> tuple[Any, Any]:
     return head, tokenizer
 
 
-# Gets {"token_id", "text"} per token; returning True stops the generation early.
 def end_token_ids(model_dir: Path, config: Any) -> frozenset[int]:
     """Tokens that end a generation: the model config's eos ids and generation_config.json's,
     which chat models extend (Llama 3 Instruct ends turns with <|eot_id|> there). The CLI,
@@ -152,6 +151,7 @@ def _generation_config_eos(model_dir: Path) -> Any:
     return data.get("eos_token_id") if isinstance(data, dict) else None
 
 
+# Gets {"token_id", "text"} per token; returning True stops the generation early.
 Emit = Callable[[dict[str, Any]], Awaitable[bool | None]]
 
 

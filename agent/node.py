@@ -187,7 +187,8 @@ class Node:
         refreshed = time.monotonic()
         deadline = trio.current_time()
         while True:
-            if time.monotonic() - refreshed >= DEVICE_REFRESH_S:
+            # With [idle] on, IdleWatch reads the devices more often and stores the report.
+            if self.idle is None and time.monotonic() - refreshed >= DEVICE_REFRESH_S:
                 self.info.devices = await trio.to_thread.run_sync(discover)
                 refreshed = time.monotonic()
             interval = self.announce_interval()

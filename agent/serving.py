@@ -336,9 +336,7 @@ class Serving:
                         raise RequestRejected("bad_request", f"unexpected {type(msg).__name__}")
                 except RequestRejected as exc:
                     step = msg.step if isinstance(msg, Step) else None
-                    await self._reply_error(framed, exc.code, str(exc), step)
-                    if exc.code == "rate_limited" and self.peer_limits.should_drop(peer):
-                        log.info("%s ignores rate limiting; dropping its stream", peer)
+                    if not await self._refuse(framed, peer, exc.code, str(exc), step):
                         return
                     continue
                 with trio.fail_after(WRITE_TIMEOUT_S):
@@ -358,8 +356,18 @@ class Serving:
             await self._pace(peer, nbytes)
         except RequestRejected as exc:
             code, message = exc.code, str(exc)
-        await self._reply_error(framed, code, message, None)
-        return not (code == "rate_limited" and self.peer_limits.should_drop(peer))
+        return await self._refuse(framed, peer, code, message, None)
+
+    async def _refuse(
+        self, framed: FramedStream, peer: str, code: str, message: str, step: int | None
+    ) -> bool:
+        """Send the error reply; False when the peer keeps ignoring its rate limit and its
+        stream is to be dropped."""
+        await self._reply_error(framed, code, message, step)
+        if code == "rate_limited" and self.peer_limits.should_drop(peer):
+            log.info("%s ignores rate limiting; dropping its stream", peer)
+            return False
+        return True
 
     async def _pace(self, peer: str, nbytes: int) -> None:
         """Per-peer requests/s and bytes/s: wait for the peer's turn, or refuse the request
