@@ -95,7 +95,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
 @asynccontextmanager
 async def client(m: Mesh):
     async with open_standalone([m.entry.addrs[0]]) as view:
-        with trio.fail_after(30):
+        # Usually 0.1-0.6 s. Twice in ~8 runs of this module today the client had not heard
+        # all 12 agents after 30 s: with 11 agents the entry's gossip mesh is over
+        # degree_high, and a client it prunes may not graft again for py-libp2p's 60 s
+        # prune back-off (our suspicion, not proven; see the note). Wait past it.
+        with trio.fail_after(90):
             while len(view.table) < len(m.all):
                 await trio.sleep(0.1)
         yield view
