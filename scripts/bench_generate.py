@@ -12,7 +12,7 @@ defaults), made once under --workdir and reused. Every measurement runs in a fre
           --repeats runs; the median is reported.
   mesh k  the layers split evenly into k spans, k agents (`shardmesh up --threads 1`), and a
           standalone client (embeddings + LM head, torch.set_num_threads(1)) in a child process
-          that runs `agent.client.generate_ids` for the same prompt and N: one warm-up, then
+          that runs `agent.route.client.generate_ids` for the same prompt and N: one warm-up, then
           --repeats runs, median of its decode_tokens_per_s. Its greedy tokens must equal the
           local run's.
 
@@ -60,7 +60,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.control import ControlError, request  # noqa: E402
+from agent.api.control import ControlError, request  # noqa: E402
 
 # Child processes get one BLAS/OpenMP thread too, so no pool is sized to the whole machine.
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -123,7 +123,7 @@ def make_model(out: Path, shape: dict[str, int], seed: int) -> None:
 
 
 def param_count(model_dir: Path) -> int:
-    from agent.modelinfo import read_weight_index
+    from agent.model.modelinfo import read_weight_index
 
     return sum(e.numel for e in read_weight_index(model_dir).values())
 
@@ -225,14 +225,14 @@ def mesh_worker(
     torch.set_num_threads(1)
     import trio
 
-    from agent.client import (
+    from agent.model.head import ClientHead
+    from agent.route.client import (
         ClientConfig,
         PeerHealth,
         generate_ids,
         open_standalone,
         wait_for_model,
     )
-    from agent.shards.head import ClientHead
 
     head = ClientHead.load(model_dir, dtype="float32", device="cpu")
     want = sorted(tuple(s) for s in spans)
@@ -659,7 +659,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "method": {
                 "local": "HF generate(do_sample=False) in a fresh process, torch threads 1; a "
                 "streamer timestamps each token; decode tok/s = (N-1) / (t_token_N - t_token_1)",
-                "mesh": "agent.client.generate_ids from a standalone client process (torch "
+                "mesh": "agent.route.client.generate_ids from a standalone client process (torch "
                 "threads 1) through k `shardmesh up --threads 1` agents on loopback; its "
                 "decode_tokens_per_s counts the same N-1 tokens",
                 "overhead_per_hop_ms": "(1/mesh_rate - 1/local_rate) / k * 1000",

@@ -59,10 +59,10 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.control import ControlError, request  # noqa: E402
+from agent.api.control import ControlError, request  # noqa: E402
 
 MIB = 1024 * 1024
-EXPIRE_LOOP_S = 0.25  # agent.node.Node.expire_loop's period
+EXPIRE_LOOP_S = 0.25  # agent.daemon.node.Node.expire_loop's period
 
 
 class BenchError(Exception):
@@ -473,7 +473,7 @@ def gossip_window(agents: Sequence[AgentProc], window: float) -> dict[str, Any]:
 
 # --- one mesh size ------------------------------------------------------------------------------
 def count_expiries(agents: Sequence[AgentProc]) -> int:
-    """'peer expired' lines in the agents' logs (agent.node logs one per TTL expiry)."""
+    """'peer expired' lines in the agents' logs (agent.daemon.node logs one per TTL expiry)."""
     total = 0
     for a in agents:
         with contextlib.suppress(OSError):

@@ -104,8 +104,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.models.llama import modeling_llama  # noqa: F401  (import cost in baseline)
 
     sys.path.insert(0, str(ROOT))
-    from agent.shards.blocks import ShardModel
-    from agent.shards.head import ClientHead
+    from agent.model.blocks import ShardModel
+    from agent.model.head import ClientHead
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             make_s = make_model(args, model_dir)
             print(f"  made in {make_s:.1f} s")
         sys.path.insert(0, str(ROOT))
-        from agent.modelinfo import block_param_bytes, read_model_info
+        from agent.model.modelinfo import block_param_bytes, read_model_info
 
         info = read_model_info(model_dir)
         if not 0 <= args.start < args.start + args.span <= info.n_blocks:

@@ -42,7 +42,7 @@ import json
 
 import pynvml
 
-from agent.devices import best_cuda_device, discover, load_nvml, render_devices
+from agent.hw.devices import best_cuda_device, discover, load_nvml, render_devices
 
 assert load_nvml() is pynvml, "load_nvml() did not pick pynvml"
 report = discover()
@@ -68,7 +68,7 @@ if command -v nvidia-smi >/dev/null; then
     "$PYTHON" - "$smi_csv" <<'PY' || fail "discover() disagrees with nvidia-smi"
 import sys
 
-from agent.devices import discover
+from agent.hw.devices import discover
 
 smi = {}
 for line in sys.argv[1].strip().splitlines():
@@ -97,7 +97,7 @@ if not torch.cuda.is_available():
     print("torch has no CUDA here: skipped")
     sys.exit(0)
 
-from agent.devices import best_cuda_device, cuda_visible_gpus, discover
+from agent.hw.devices import best_cuda_device, cuda_visible_gpus, discover
 
 report = discover()
 pairs = cuda_visible_gpus(report)
@@ -137,7 +137,7 @@ sys.path.insert(0, "tests")
 import torch
 from agentproc import Agent, stop_all, wait_for
 
-from agent.shards.tiny import ensure_tiny_model
+from agent.model.tiny import ensure_tiny_model
 
 assert torch.cuda.is_available(), "torch sees no CUDA device"
 root = Path(tempfile.mkdtemp(prefix="gpu-check-"))

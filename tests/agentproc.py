@@ -96,7 +96,7 @@ class Agent:
         return status if status.get("state") in self.ready_states else None
 
     def request(self, cmd: str, **args: Any) -> Any:
-        from agent.control import request
+        from agent.api.control import request
 
         return request(self.control, cmd, timeout=5.0, **args)
 

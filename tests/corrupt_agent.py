@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from agent import serving
-from agent.cli import main
+from agent.cli.main import main
+from agent.serve import serving
 
 AMOUNT = float(os.environ.get("SHARDMESH_CORRUPT", "0.5"))
 _honest_forward = serving.Serving._forward

@@ -18,7 +18,7 @@ import pytest
 from agentproc import Agent, cli, free_port, start_many, stop_all, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.shards.tiny import ensure_tiny_model
+from agent.model.tiny import ensure_tiny_model
 
 KEY = "sk-shardmesh-test-0123456789"
 MODEL = "tiny-llama"
@@ -85,7 +85,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
 def _make_identity(state_dir: Path) -> str:
     from libp2p.peer.id import ID
 
-    from agent.identity import load_or_create_identity
+    from agent.net.identity import load_or_create_identity
 
     key_pair = load_or_create_identity(state_dir / "identity.key")
     return ID.from_pubkey(key_pair.public_key).to_base58()

@@ -90,7 +90,7 @@ def test_status_without_daemon_exits_1(tmp_path: Path) -> None:
 
 
 def test_world_readable_identity_key_is_refused(tmp_path: Path) -> None:
-    from agent.identity import load_or_create_identity
+    from agent.net.identity import load_or_create_identity
 
     key = tmp_path / "identity.key"
     load_or_create_identity(key)

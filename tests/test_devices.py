@@ -13,8 +13,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from agent import nvml_fake
-from agent.devices import (
+from agent.hw import nvml_fake
+from agent.hw.devices import (
     FAKE_NVML_ENV,
     CpuInfo,
     DeviceError,
@@ -31,7 +31,7 @@ from agent.devices import (
     load_nvml,
     render_devices,
 )
-from agent.nvml_fake import FakeNvml, FakeNvmlConfigError, fake_from_file
+from agent.hw.nvml_fake import FakeNvml, FakeNvmlConfigError, fake_from_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 THREE_GPUS = FIXTURES / "nvml_three_gpus.json"
@@ -328,7 +328,7 @@ def test_fake_rejects_malformed_descriptions(description: Any, message: str) -> 
 def test_env_selection_works_across_processes() -> None:
     code = (
         "import json, sys\n"
-        "from agent.devices import discover\n"
+        "from agent.hw.devices import discover\n"
         "report = discover()\n"
         "print(json.dumps({'report': report.to_json(),"
         " 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))\n"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from agent.generation import end_token_ids
+from agent.route.generation import end_token_ids
 
 
 def test_config_and_generation_config_eos_ids_are_merged(tmp_path: Path) -> None:

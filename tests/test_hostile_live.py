@@ -57,7 +57,7 @@ PROMPT = [5, 17, 42, 99, 123, 7, 300]
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory):
-    from agent.shards.tiny import ensure_tiny_model
+    from agent.model.tiny import ensure_tiny_model
 
     root = tmp_path_factory.mktemp("hostile")
     model = ensure_tiny_model("llama", root / "models")
@@ -305,8 +305,8 @@ async def hostile_peer(
     from libp2p.crypto.ed25519 import create_new_key_pair
 
     from agent.config import AgentConfig
-    from agent.identity import private_seed
-    from agent.mesh import open_mesh
+    from agent.net.identity import private_seed
+    from agent.net.mesh import open_mesh
 
     rng = random.Random(1000 + index)
     key_pair = create_new_key_pair()

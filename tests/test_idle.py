@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, IdleConfig, load_config
-from agent.devices import discover
-from agent.idle import Action, IdlePolicy, OwnerReading, Phase, busy_reasons, owner_activity
-from agent.nvml_fake import FakeNvml
+from agent.hw.devices import discover
+from agent.hw.nvml_fake import FakeNvml
+from agent.policy.idle import Action, IdlePolicy, OwnerReading, Phase, busy_reasons, owner_activity
 
 GIB = 1024**3
 OWN_PID = 1000
@@ -164,7 +164,7 @@ def test_bad_idle_config_is_one_clear_error(tmp_path: Path, table: str, needle: 
 
 
 def test_fake_nvml_rejects_a_malformed_process_utilization_list(tmp_path: Path) -> None:
-    from agent.nvml_fake import FakeNvmlConfigError
+    from agent.hw.nvml_fake import FakeNvmlConfigError
 
     desc = {"gpus": [{"name": "g", "uuid": "u", "memory_total": 1, "memory_used": 0,
                       "process_utilization": [{"pid": "x"}]}]}  # fmt: skip

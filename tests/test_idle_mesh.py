@@ -15,10 +15,10 @@ import trio
 from agentproc import Agent, start_many, stop_all, wait_for
 from hfref import hf_generate, load_full
 
-from agent.client import ClientConfig, generate_ids, open_standalone
-from agent.devices import FAKE_NVML_ENV
-from agent.shards.head import ClientHead
-from agent.shards.tiny import ensure_tiny_model
+from agent.hw.devices import FAKE_NVML_ENV
+from agent.model.head import ClientHead
+from agent.model.tiny import ensure_tiny_model
+from agent.route.client import ClientConfig, generate_ids, open_standalone
 
 GIB = 1024**3
 OWNER_PID = 999_999  # a process that is not the agent: the owner's game or training run

@@ -13,8 +13,8 @@ from agentproc import Agent, stop_all, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig
-from agent.identity import private_seed
-from agent.mesh import open_mesh
+from agent.net.identity import private_seed
+from agent.net.mesh import open_mesh
 from protocol import CapacityAd, encode_signed_ad, pack, unpack_map
 
 

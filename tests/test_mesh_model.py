@@ -19,10 +19,10 @@ import trio
 from agentproc import Agent, cli, start_many, stop_all, wait_for
 from hfref import full_step, hf_generate, load_full
 
-from agent.client import ClientConfig, PeerHealth, RemoteHop, generate_ids, open_standalone
-from agent.routing import Hop
-from agent.shards.head import ClientHead
-from agent.shards.tiny import ensure_tiny_model
+from agent.model.head import ClientHead
+from agent.model.tiny import ensure_tiny_model
+from agent.policy.routing import Hop
+from agent.route.client import ClientConfig, PeerHealth, RemoteHop, generate_ids, open_standalone
 
 TOL = 1e-5
 PROMPT_LEN = 12  # longer than the tiny qwen2's sliding window (8)

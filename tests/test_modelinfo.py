@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.modelinfo import (
+from agent.model.modelinfo import (
     SUPPORTED_MODEL_TYPES,
     ModelError,
     block_param_bytes,
@@ -211,7 +211,7 @@ def test_gpt2_names_without_base_prefix(tmp_path: Path) -> None:
 
 def test_import_does_not_load_torch() -> None:
     code = (
-        "import sys, agent.modelinfo\n"
+        "import sys, agent.model.modelinfo\n"
         "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     )
     root = Path(__file__).resolve().parents[1]

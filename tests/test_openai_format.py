@@ -16,12 +16,10 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.apikeys import ApiKeyError, check_bearer, load_api_keys
-from agent.apimodels import ApiModels, Checkpoint
-from agent.config import ConfigError, api_address, is_loopback, load_config
-from agent.metrics import ApiMetrics
-from agent.modelinfo import ModelInfo
-from agent.openai_format import (
+from agent.api.apikeys import ApiKeyError, check_bearer, load_api_keys
+from agent.api.apimodels import ApiModels, Checkpoint
+from agent.api.metrics import ApiMetrics
+from agent.api.openai_format import (
     ApiError,
     Reply,
     StopText,
@@ -32,6 +30,8 @@ from agent.openai_format import (
     sse,
     usage,
 )
+from agent.config import ConfigError, api_address, is_loopback, load_config
+from agent.model.modelinfo import ModelInfo
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-import agent.peerlimits as peerlimits
+import agent.policy.peerlimits as peerlimits
 from agent.config import LimitsConfig
-from agent.peerlimits import (
+from agent.policy.peerlimits import (
     MAX_STRIKES,
     LimitExceeded,
     PeerLimits,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.peertable import PeerTable
+from agent.policy.peertable import PeerTable
 from protocol import CapacityAd
 
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.placement import blocks_that_fit, choose_span, coverage, uncovered_blocks
-from agent.snapshot import PeerSpan
+from agent.policy.placement import blocks_that_fit, choose_span, coverage, uncovered_blocks
+from agent.policy.snapshot import PeerSpan
 
 
 def span(

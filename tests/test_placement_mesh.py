@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from agentproc import Agent, free_port, start_many, stop_all, wait_for
 
-from agent.shards.tiny import ensure_tiny_model
+from agent.model.tiny import ensure_tiny_model
 
 N_BLOCKS = 8
 
@@ -22,7 +22,7 @@ def _start_together(root: Path, model: Path, n: int, max_blocks: int) -> list[Ag
     beforehand so the others can name it as their bootstrap peer."""
     from libp2p.peer.id import ID
 
-    from agent.identity import load_or_create_identity
+    from agent.net.identity import load_or_create_identity
 
     first_key = load_or_create_identity(root / "a0" / "identity.key")
     first_id = ID.from_pubkey(first_key.public_key).to_base58()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.routing import (
+from agent.policy.routing import (
     DEFAULT_THROUGHPUT,
     KV_FULL_PENALTY_MS,
     LOAD_FACTOR,
@@ -18,7 +18,7 @@ from agent.routing import (
     NoRoute,
     find_route,
 )
-from agent.snapshot import PeerSpan
+from agent.policy.snapshot import PeerSpan
 
 
 def peer(

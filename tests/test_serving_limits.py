@@ -10,11 +10,11 @@ import torch
 import trio
 from agentproc import Agent, wait_for
 
-from agent.client import ClientConfig, PeerHealth, RemoteHop, open_standalone
-from agent.routing import Hop
-from agent.shards.blocks import ShardModel
-from agent.shards.tiny import ensure_tiny_model
-from agent.shards.wire import to_frame
+from agent.model.blocks import ShardModel
+from agent.model.tiny import ensure_tiny_model
+from agent.model.wire import to_frame
+from agent.policy.routing import Hop
+from agent.route.client import ClientConfig, PeerHealth, RemoteHop, open_standalone
 from protocol import ErrorReply, OpenSession, SessionOpened, Step
 
 LIMITS = """
@@ -169,7 +169,7 @@ async def test_bad_requests_get_errors_and_change_nothing(served) -> None:
 async def _open_stream(hop: RemoteHop) -> None:
     from libp2p.peer.id import ID
 
-    from agent.streamio import FramedStream
+    from agent.net.framed import FramedStream
     from protocol import FORWARD_PROTOCOL_ID
 
     stream = await hop.host.new_stream(ID.from_base58(hop.peer_id), [FORWARD_PROTOCOL_ID])

@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 import torch
 
-from agent.modelinfo import ModelError, read_model_info, read_weight_index
-from agent.shards.blocks import PositionError, SessionCache, ShardModel, causal_mask
-from agent.shards.head import ClientHead
-from agent.shards.tiny import (
+from agent.model.blocks import PositionError, SessionCache, ShardModel, causal_mask
+from agent.model.head import ClientHead
+from agent.model.modelinfo import ModelError, read_model_info, read_weight_index
+from agent.model.tiny import (
     EOS_ID,
     QWEN2_SLIDING_WINDOW,
     TINY_FAMILIES,
     ensure_tiny_model,
     make_tiny_model,
 )
-from agent.shards.wire import WireError, from_frame, to_frame
+from agent.model.wire import WireError, from_frame, to_frame
 from protocol.tensors import TensorFrame
 
 TOL = 1e-5

@@ -16,8 +16,8 @@ import trio
 from agentproc import Agent, cli, free_port, start_many, stop_all, wait_for
 
 from agent.config import AgentConfig, SwarmConfig
-from agent.identity import load_or_create_identity
-from agent.mesh import Mesh, open_mesh
+from agent.net.identity import load_or_create_identity
+from agent.net.mesh import Mesh, open_mesh
 
 SECRET = "private-swarm-secret-for-tests-0123456789abcdef"
 OTHER = "some-other-swarm-secret-nobody-else-uses-0123456"
@@ -315,7 +315,7 @@ def _peer_id_of(key_pair: object) -> str:
 def test_load_secret_refuses_unsafe_or_unusable_files(
     tmp_path: Path, content: str | None, mode: int, needle: str
 ) -> None:
-    from agent.swarm import SwarmError, load_secret
+    from agent.net.swarm import SwarmError, load_secret
 
     path = tmp_path / "swarm.key"
     if content is not None:
@@ -332,7 +332,7 @@ def test_systemd_credential_may_carry_an_acl_mask(
 ) -> None:
     """LoadCredential= files live in a directory private to the service; systemd may grant
     the service user read access with an ACL, which shows as group bits in the mode."""
-    from agent.swarm import SwarmError, load_secret
+    from agent.net.swarm import SwarmError, load_secret
 
     creds = tmp_path / "credentials"
     creds.mkdir(mode=0o700)
@@ -347,7 +347,7 @@ def test_systemd_credential_may_carry_an_acl_mask(
 
 
 def test_load_secret_strips_the_newline(tmp_path: Path) -> None:
-    from agent.swarm import load_secret
+    from agent.net.swarm import load_secret
 
     assert load_secret(_secret_file(tmp_path / "k", SECRET)) == SECRET.encode()
     with pytest.raises(Exception, match="not a regular file"):
@@ -382,7 +382,11 @@ async def test_private_model_swarm_generates_exactly_while_a_member_floods(
     from hfref import hf_generate, load_full
     from libp2p.peer.id import ID
 
-    from agent.client import (
+    from agent.model.modelinfo import read_model_info
+    from agent.model.tiny import ensure_tiny_model
+    from agent.net.framed import FramedStream, StreamGone
+    from agent.policy.routing import Hop
+    from agent.route.client import (
         ClientConfig,
         GenerationError,
         HopError,
@@ -390,10 +394,6 @@ async def test_private_model_swarm_generates_exactly_while_a_member_floods(
         RemoteHop,
         open_standalone,
     )
-    from agent.modelinfo import read_model_info
-    from agent.routing import Hop
-    from agent.shards.tiny import ensure_tiny_model
-    from agent.streamio import FramedStream, StreamGone
     from protocol import FORWARD_PROTOCOL_ID, ErrorReply, Step, TensorFrame
 
     model = ensure_tiny_model("llama", tmp_path / "models")

@@ -25,8 +25,9 @@ import pytest
 import trio
 from agentproc import Agent, free_port
 
-from agent import config, logs, sdnotify, service
-from agent.service import status_line
+from agent import config
+from agent.daemon import logs, sdnotify, service
+from agent.daemon.service import status_line
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "shardmesh.service"
@@ -373,7 +374,7 @@ def _dead_bootstrap(tmp_path: Path) -> str:
     """A well-formed bootstrap address nobody answers on."""
     from libp2p.peer.id import ID
 
-    from agent.identity import load_or_create_identity
+    from agent.net.identity import load_or_create_identity
 
     key = load_or_create_identity(tmp_path / "ghost" / "identity.key")
     return f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{ID.from_pubkey(key.public_key).to_base58()}"
@@ -446,7 +447,7 @@ def test_sigterm_before_ready_stops_without_ever_saying_ready(
 
 
 def test_ready_only_after_the_blocks_are_loaded(tmp_path: Path, listener: NotifyListener) -> None:
-    from agent.shards.tiny import ensure_tiny_model
+    from agent.model.tiny import ensure_tiny_model
 
     model = ensure_tiny_model("llama", tmp_path / "models")
     env = {"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "10000000"}

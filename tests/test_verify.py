@@ -21,7 +21,11 @@ import trio
 from agentproc import Agent, cli, start_many, stop_all, wait_for
 from hfref import hf_generate, load_full
 
-from agent.client import (
+from agent.model.head import ClientHead
+from agent.model.tiny import ensure_tiny_model
+from agent.policy.routing import Hop
+from agent.policy.snapshot import PeerSpan
+from agent.route.client import (
     ClientConfig,
     GenerationError,
     HopError,
@@ -30,12 +34,8 @@ from agent.client import (
     generate_ids,
     open_standalone,
 )
-from agent.generation import GenerateRequest
-from agent.routing import Hop
-from agent.shards.head import ClientHead
-from agent.shards.tiny import ensure_tiny_model
-from agent.snapshot import PeerSpan
-from agent.verify import (
+from agent.route.generation import GenerateRequest
+from agent.route.verify import (
     DEFAULT_TOLERANCE,
     StepSampler,
     Verifier,
@@ -85,7 +85,7 @@ def test_tolerance_absorbs_low_precision_but_not_tampering() -> None:
 
 def test_bf16_agent_agrees_with_fp32_within_default_tolerance(tmp_path: Path) -> None:
     """The default tolerance measured on real blocks: a bf16 span vs the same span in fp32."""
-    from agent.shards.blocks import ShardModel
+    from agent.model.blocks import ShardModel
 
     model_dir = ensure_tiny_model("llama", tmp_path)
     head = ClientHead.load(model_dir, dtype="float32", device="cpu")

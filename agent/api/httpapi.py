@@ -1,0 +1,470 @@
+"""The OpenAI-compatible HTTP API and Prometheus `/metrics`, served by hypercorn on the
+agent's own trio loop (a task in the agent's nursery, like the control socket).
+
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
+GET /metrics. Generations run through the same client path as `shardmesh generate`
+(agent.generation.run_generation), so equal settings give equal tokens. Each generation
+watches its connection: a client that goes away cancels it, and the route's hop sessions
+close at once instead of running to max_tokens.
+
+Starlette does routing and request parsing; a generation writes its own ASGI messages, so
+the disconnect watch, the stream and its errors live in one nursery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from agent.api.apikeys import check_bearer, load_api_keys
+from agent.api.apimodels import ApiModels, Checkpoint, Resolved, load_checkpoints
+from agent.api.metrics import CONTENT_TYPE, ApiMetrics
+from agent.api.openai_format import (
+    SSE_DONE,
+    ApiError,
+    Reply,
+    Settings,
+    StopText,
+    bad_request,
+    completion_budget,
+    finish_reason,
+    model_entry,
+    model_list,
+    parse_chat,
+    parse_completion,
+    sse,
+    usage,
+)
+from agent.config import api_address
+from agent.errors import ShardmeshError
+
+if TYPE_CHECKING:
+    from agent.daemon.node import Node
+
+log = logging.getLogger("shardmesh.api")
+MAX_BODY_BYTES = 8 * 1024 * 1024
+# Paths counted under their own label in shardmesh_api_requests; anything else is "other".
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics")
+
+OnText = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Job:
+    chat: bool
+    settings: Settings
+    prompt: str | tuple[int, ...] | tuple[dict[str, str], ...]  # messages for chat
+    model: Resolved
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    finish: str
+    usage: dict[str, int]
+    tail: str  # text not streamed yet (held back for a possible stop sequence)
+
+
+class ApiServer:
+    def __init__(self, node: Node, keys: frozenset[str], checkpoints: dict[str, Checkpoint]):
+        self.node = node
+        self.cfg = node.cfg.api
+        self.keys = keys
+        self.models = ApiModels(checkpoints, node.known_models, node.coverage)
+        self.metrics = ApiMetrics(node, self._failovers)
+        self.in_flight = 0
+        self.started = int(time.time())
+        routes = [
+            Route("/v1/models", self._list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self._get_model, methods=["GET"]),
+            Route("/v1/completions", self._completions, methods=["POST"]),
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+        ]
+        handlers: Any = {ApiError: _api_error_response, HTTPException: _http_error_response}
+        self.app = _Front(self, Starlette(routes=routes, exception_handlers=handlers))
+
+    # --- plain endpoints --------------------------------------------------------------------
+    def _entry(self, api_id: str, ck: Checkpoint) -> dict[str, Any]:
+        info = ck.info
+        extra = {"shardmesh": {"model_id": info.model_id, "n_blocks": info.n_blocks}}
+        return model_entry(api_id, self.started, extra)
+
+    async def _list_models(self, request: Request) -> Response:
+        return JSONResponse(model_list([self._entry(i, ck) for i, ck in self.models.listed()]))
+
+    async def _get_model(self, request: Request) -> Response:
+        want = request.path_params["model"]
+        for api_id, ck in self.models.listed():
+            if want in (api_id, ck.info.model_id):
+                return JSONResponse(self._entry(api_id, ck))
+        raise ApiError(404, f"model {want!r} is not available", code="model_not_found")
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # --- generations -------------------------------------------------------------------------
+    async def _chat(self, request: Request) -> Response:
+        req = parse_chat(await _read_json(request))
+        return self._accept(True, req.settings, req.messages)
+
+    async def _completions(self, request: Request) -> Response:
+        req = parse_completion(await _read_json(request))
+        return self._accept(False, req.settings, req.prompt)
+
+    def _accept(self, chat: bool, settings: Settings, prompt: Any) -> Response:
+        model = self.models.resolve(settings.model)
+        if self.in_flight >= self.cfg.max_concurrent:
+            raise ApiError(
+                429,
+                f"this agent is running {self.in_flight} generations, its limit "
+                "(api.max_concurrent); retry later",
+                type="rate_limit_error",
+                code="overloaded",
+            )
+        self.in_flight += 1  # released by GenerationResponse when the generation ends
+        self.metrics.in_flight.set(self.in_flight)
+        reply = Reply(
+            chat=chat,
+            id=("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+            created=int(time.time()),
+            model=model.api_id,
+            fingerprint="shardmesh-" + model.checkpoint.info.model_id.rpartition("@")[2],
+        )
+        return GenerationResponse(self, Job(chat, settings, prompt, model, reply))
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    def _client_state(self) -> tuple[Any, Any]:
+        # The same head cache and failure history as the control socket's `generate`:
+        # one head per checkpoint in memory, whichever way a request came.
+        return self.node.client_state()
+
+    def _failovers(self) -> int:
+        return self.node.failovers()
+
+    async def run(self, job: Job, on_text: OnText | None) -> Outcome:
+        """Generate for `job`; `on_text` gets each token's new text (streaming)."""
+        with trio.fail_after(self.cfg.request_timeout):
+            return await self._run(job, on_text)
+
+    async def _run(self, job: Job, on_text: OnText | None) -> Outcome:
+        from agent.model.sampling import SamplingParams
+        from agent.route.generation import GenerateRequest, end_token_ids, run_generation
+
+        parts, health = self._client_state()
+        info = job.model.checkpoint.info
+        head, tok = await parts.get(info.path, info.model_id)
+        prompt_ids = _prompt_ids(job, tok, head.info.vocab_size)
+        context = _context(head.config, self.node.cfg.limits.max_session_tokens)
+        max_new = completion_budget(job.settings.max_tokens, job.chat, len(prompt_ids), context)
+        eos = end_token_ids(info.path, head.config)  # what run_generation stops at
+        stops = StopText(job.settings.stop)
+        released: list[str] = []
+
+        async def emit(event: dict[str, Any]) -> bool:
+            delta = stops.add(event["text"])
+            if on_text is not None:
+                released.append(delta)
+                await on_text(delta)
+            return stops.hit
+
+        s = job.settings
+        seed = s.seed if s.seed is not None else secrets.randbelow(2**63)
+        request = GenerateRequest(
+            model=info.model_id,
+            prompt=None,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=seed),
+            model_dir=info.path,
+        )
+        out = await run_generation(
+            self.node, parts, request, info.model_id, info.path, emit, health=health
+        )
+        text = stops.text if stops.hit else (out.get("text") or "")
+        sent = "".join(released)
+        counts = usage(len(prompt_ids), len(out["token_ids"]))
+        self.metrics.count_tokens(counts)
+        return Outcome(
+            text=text,
+            finish=finish_reason(out["token_ids"], eos, stops.hit, max_new),
+            usage=counts,
+            tail=text[len(sent) :] if text.startswith(sent) else "",
+        )
+
+
+def _prompt_ids(job: Job, tok: Any, vocab: int) -> list[int]:
+    if isinstance(job.prompt, tuple) and job.prompt and isinstance(job.prompt[0], int):
+        ids = list(job.prompt)
+        if not all(0 <= t < vocab for t in ids):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return ids
+    if tok is None:
+        raise bad_request(
+            f"{job.model.api_id} has no tokenizer here: send the prompt as token ids",
+            param="prompt",
+        )
+    if job.chat:
+        if not getattr(tok, "chat_template", None):
+            raise bad_request(
+                f"{job.model.api_id} has no chat template: use /v1/completions",
+                param="messages",
+            )
+        try:
+            text = tok.apply_chat_template(
+                list(job.prompt), add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # the template's own checks (role order, ...) end up here
+            raise bad_request(
+                f"the chat template refused the messages: {exc}", "messages"
+            ) from None
+        # The template writes the special tokens (BOS, ...) itself.
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tok(job.prompt)["input_ids"])  # as `shardmesh generate --prompt` does
+    if not ids:
+        raise bad_request("the prompt is empty", param="messages" if job.chat else "prompt")
+    return ids
+
+
+def _context(config: Any, session_limit: int) -> int:
+    """Tokens one session may hold: the model's positions, and this agent's session limit
+    (peers usually share it; past it a hop refuses the session)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    return min(int(positions), session_limit) if positions else session_limit
+
+
+async def _read_json(request: Request) -> Any:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def as_api_error(exc: Exception, timeout: float) -> ApiError:
+    """What an exception from a generation becomes on the wire."""
+    from agent.route.client import GenerationError
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return ApiError(
+            504,
+            f"the generation did not finish within api.request_timeout ({timeout:g} s)",
+            type="server_error",
+            code="timeout",
+        )
+    if isinstance(exc, GenerationError):
+        return ApiError(503, str(exc), type="server_error", code="mesh_unavailable")
+    if isinstance(exc, ShardmeshError):
+        return ApiError(500, str(exc), type="server_error", code="generation_failed")
+    log.exception("generation failed")
+    return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+# --- ASGI pieces -------------------------------------------------------------------------------
+class GenerationResponse(Response):
+    """Runs the generation inside the response, next to a watch on the connection."""
+
+    def __init__(self, server: ApiServer, job: Job) -> None:
+        super().__init__(status_code=200)
+        self.server = server
+        self.job = job
+        self._released = False
+
+    def _release(self) -> None:
+        # As soon as the generation ends, before the last bytes go out: a client that sends
+        # its next request on reading them must find the slot free.
+        if not self._released:
+            self._released = True
+            self.server.release()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        out = _Out(send)
+        gone = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, gone)
+                await self._respond(out)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._release()
+        if gone.is_set() and not out.finished:
+            log.info("client went away; generation %s cancelled", self.job.reply.id)
+
+    async def _respond(self, out: _Out) -> None:
+        job = self.job
+        stream = job.settings.stream
+        first = True
+
+        async def on_text(delta: str) -> None:
+            nonlocal first
+            await out.event(job.reply.chunk(delta, first=first))
+            first = False
+
+        try:
+            outcome = await self.server.run(job, on_text if stream else None)
+        except Exception as exc:
+            self._release()
+            err = as_api_error(exc, self.server.cfg.request_timeout)
+            if out.started:  # mid-stream: OpenAI's clients raise on an error event
+                await out.event(err.body())
+                await out.end(b"")
+            else:
+                await out.json(err.status, err.body())
+            return
+        self._release()
+        if not stream:
+            await out.json(200, job.reply.full(outcome.text, outcome.finish, outcome.usage))
+            return
+        await out.event(job.reply.chunk(outcome.tail, first=first, finish=outcome.finish))
+        if job.settings.include_usage:
+            await out.event(job.reply.usage_chunk(outcome.usage))
+        await out.end(SSE_DONE)
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, gone: trio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            scope.cancel()
+            return
+
+
+class _Out:
+    """The response's ASGI messages: one JSON body, or server-sent events."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+        self.finished = False
+
+    async def _start(self, status: int, content_type: bytes, extra: list[Any]) -> None:
+        headers = [(b"content-type", content_type), (b"cache-control", b"no-cache"), *extra]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        self.started = True
+
+    async def event(self, obj: dict[str, Any]) -> None:
+        if not self.started:
+            await self._start(200, b"text/event-stream; charset=utf-8", [])
+        await self.send({"type": "http.response.body", "body": sse(obj), "more_body": True})
+
+    async def end(self, last: bytes) -> None:
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": last, "more_body": False})
+
+    async def json(self, status: int, obj: dict[str, Any]) -> None:
+        body = json.dumps(obj).encode()
+        await self._start(status, b"application/json", [(b"content-length", b"%d" % len(body))])
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Front:
+    """Bearer-key check and request counting in front of every route."""
+
+    def __init__(self, server: ApiServer, app: Starlette) -> None:
+        self.server = server
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = "/v1/models" if path.startswith("/v1/models/") else path
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            keys = self.server.keys
+            if keys and not check_bearer(Headers(scope=scope).get("authorization"), keys):
+                err = ApiError(
+                    401,
+                    "a valid API key is required (Authorization: Bearer KEY)",
+                    code="invalid_api_key",
+                )
+                response = JSONResponse(
+                    err.body(), err.status, headers={"www-authenticate": "Bearer"}
+                )
+                await response(scope, receive, counting_send)
+                return
+            await self.app(scope, receive, counting_send)
+        finally:
+            label = endpoint if endpoint in ENDPOINTS else "other"
+            self.server.metrics.count_request(label, status)
+
+
+async def _api_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), exc.status)
+
+
+async def _http_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    err = ApiError(
+        exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+    )
+    return JSONResponse(err.body(), err.status, headers=exc.headers)
+
+
+# --- serving -----------------------------------------------------------------------------------
+async def serve_api(node: Node, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the API until cancelled; `started` gets the URL it listens on. Bad keys, an
+    unusable checkpoint or a busy port raise ShardmeshError with one line."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    api = node.cfg.api
+    host, port = api_address(api)
+    keys = load_api_keys(api.key_file) if api.key_file is not None else frozenset()
+    checkpoints = await trio.to_thread.run_sync(load_checkpoints, node.cfg)
+    server = ApiServer(node, keys, checkpoints)
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    quiet = logging.getLogger("shardmesh.api.server")
+    quiet.setLevel(logging.WARNING)  # hypercorn's own "Running on ..." says what we say below
+    config.errorlog = quiet
+    async with trio.open_nursery() as nursery:
+        try:
+            binds = await nursery.start(partial(serve, server.app, config))
+        except OSError as exc:
+            raise ShardmeshError(f"api.listen: cannot listen on {api.listen}: {exc}") from None
+        url = binds[0] if binds else f"http://{config.bind[0]}"
+        log.info("API listening on %s%s", url, " (bearer keys required)" if keys else "")
+        if not checkpoints:
+            log.warning("the API has no local checkpoint to run: set --model or api.model_dirs")
+        task_status.started(url)

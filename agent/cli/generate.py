@@ -1,0 +1,134 @@
+"""`shardmesh generate`: through the local agent's control socket, or as a standalone client
+that joins the mesh itself (`--bootstrap`). Text streams to stdout as tokens arrive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ShardmeshError, UsageError
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UsageError("--prompt-ids: no ids given")
+    return ids
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    req: dict[str, Any] = {
+        "model": args.model,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    if args.prompt_ids is not None:
+        req["prompt_ids"] = _parse_ids(args.prompt_ids)
+    else:
+        req["prompt"] = args.prompt
+    if args.model_dir is not None:
+        req["model_dir"] = str(Path(args.model_dir).resolve())
+    verify = getattr(args, "verify", None)
+    if verify is not None:
+        if not 0.0 <= verify <= 1.0:
+            raise UsageError("--verify must be a fraction between 0 and 1")
+        req["verify"] = verify
+    tolerance = getattr(args, "verify_tolerance", None)
+    if tolerance is not None:
+        if not tolerance > 0:
+            raise UsageError("--verify-tolerance must be positive")
+        req["verify_tolerance"] = tolerance
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    return req
+
+
+def _print_token(event: dict[str, Any], text_mode: bool) -> None:
+    if text_mode:
+        sys.stdout.write(event.get("text", ""))
+    else:
+        sys.stdout.write(f"{event['token_id']} ")
+    sys.stdout.flush()
+
+
+def _finish(result: dict[str, Any], args: argparse.Namespace, text_mode: bool) -> int:
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return 0
+    sys.stdout.write("\n")
+    route = " -> ".join(
+        f"{r['peer_id'][-6:]}[{r['span'][0]}:{r['span'][1]}]" for r in result["route"]
+    )
+    sys.stderr.write(
+        f"{len(result['token_ids'])} tokens, prefill {result['prefill_s'] * 1000:.0f} ms, "
+        f"{result['decode_tokens_per_s']:.1f} tok/s, route {route}, "
+        f"failovers {result['failovers']}\n"
+    )
+    if result.get("verified_steps") or result.get("unverified_steps"):
+        sys.stderr.write(
+            f"verified {result['verified_steps']} steps, unverified {result['unverified_steps']}, "
+            f"mismatches {result['mismatches']}\n"
+        )
+    for s in result.get("suspect_peers", []):
+        sys.stderr.write(f"suspect peer {s['peer_id']}: {s['reason']}\n")
+    return 0
+
+
+def run_generate(args: argparse.Namespace, control_path: Path) -> int:
+    req = _request(args)
+    text_mode = args.prompt is not None
+    if args.bootstrap:
+        return _standalone(args, req, text_mode)
+    from agent.api import control
+
+    result = None
+    for event in control.stream_request(control_path, "generate", timeout=args.timeout, **req):
+        if event.get("event") == "token" and not args.json:
+            _print_token(event, text_mode)
+        elif event.get("event") == "result":
+            result = event["result"]
+    if result is None:
+        raise ShardmeshError("the agent ended the generation without a result")
+    return _finish(result, args, text_mode)
+
+
+def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) -> int:
+    import trio
+
+    if args.model_dir is None:
+        raise UsageError("a standalone client (--bootstrap) needs --model-dir DIR")
+
+    async def main() -> dict[str, Any]:
+        from agent.route.client import open_standalone, wait_for_model
+        from agent.route.generation import ClientParts, GenerateRequest, run_generation
+
+        request = GenerateRequest.from_json(req)
+        with trio.fail_after(args.timeout):
+            async with open_standalone(
+                args.bootstrap, swarm_secret_file=args.swarm_secret_file
+            ) as view:
+                model_id, _ = await wait_for_model(view, args.model, timeout_s=20.0)
+
+                async def emit(event: dict[str, Any]) -> None:
+                    if not args.json:
+                        _print_token(event, text_mode)
+
+                return await run_generation(
+                    view, ClientParts(), request, model_id, Path(args.model_dir), emit
+                )
+
+    try:
+        result = trio.run(main)
+    except trio.TooSlowError:
+        raise ShardmeshError(f"generation did not finish within {args.timeout:g} s") from None
+    return _finish(result, args, text_mode)
