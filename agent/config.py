@@ -114,6 +114,24 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """What the serving part reads: its top-level keys (model, blocks, ...) and [limits]."""
+
+    model: Path | None = None
+    blocks: str = "auto"
+    max_blocks: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int = 0
+    announce_interval: float = 5.0  # auto placement listens for a few intervals
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def block_range(self) -> tuple[int, int] | None:
+        """The explicit `START:END` span, or None for `auto`."""
+        return parse_blocks(self.blocks)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = field(default_factory=default_state_dir)
     listen: tuple[str, ...] = (f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}",)
@@ -150,6 +168,19 @@ class AgentConfig:
     def block_range(self) -> tuple[int, int] | None:
         """The explicit `START:END` span, or None for `auto`."""
         return parse_blocks(self.blocks)
+
+    @property
+    def serve(self) -> ServeConfig:
+        return ServeConfig(
+            model=self.model,
+            blocks=self.blocks,
+            max_blocks=self.max_blocks,
+            dtype=self.dtype,
+            device=self.device,
+            threads=self.threads,
+            announce_interval=self.announce_interval,
+            limits=self.limits,
+        )
 
 
 def parse_blocks(text: str) -> tuple[int, int] | None:

@@ -18,7 +18,11 @@ from hfref import hf_generate, load_full
 from agent.hw.devices import FAKE_NVML_ENV
 from agent.model.head import ClientHead
 from agent.model.tiny import ensure_tiny_model
-from agent.route.client import ClientConfig, generate_ids, open_standalone
+from agent.route.generate import generate_ids
+from agent.route.standalone import open_standalone
+from agent.route.view import ClientConfig
+
+pytestmark = pytest.mark.procs
 
 GIB = 1024**3
 OWNER_PID = 999_999  # a process that is not the agent: the owner's game or training run

@@ -22,7 +22,13 @@ from hfref import full_step, hf_generate, load_full
 from agent.model.head import ClientHead
 from agent.model.tiny import ensure_tiny_model
 from agent.policy.routing import Hop
-from agent.route.client import ClientConfig, PeerHealth, RemoteHop, generate_ids, open_standalone
+from agent.route.generate import generate_ids
+from agent.route.health import PeerHealth
+from agent.route.hops import RemoteHop
+from agent.route.standalone import open_standalone
+from agent.route.view import ClientConfig
+
+pytestmark = pytest.mark.procs
 
 TOL = 1e-5
 PROMPT_LEN = 12  # longer than the tiny qwen2's sliding window (8)

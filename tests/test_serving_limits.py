@@ -14,8 +14,13 @@ from agent.model.blocks import ShardModel
 from agent.model.tiny import ensure_tiny_model
 from agent.model.wire import to_frame
 from agent.policy.routing import Hop
-from agent.route.client import ClientConfig, PeerHealth, RemoteHop, open_standalone
+from agent.route.health import PeerHealth
+from agent.route.hops import RemoteHop
+from agent.route.standalone import open_standalone
+from agent.route.view import ClientConfig
 from protocol import ErrorReply, OpenSession, SessionOpened, Step
+
+pytestmark = pytest.mark.procs
 
 LIMITS = """
 [limits]

@@ -386,14 +386,10 @@ async def test_private_model_swarm_generates_exactly_while_a_member_floods(
     from agent.model.tiny import ensure_tiny_model
     from agent.net.framed import FramedStream, StreamGone
     from agent.policy.routing import Hop
-    from agent.route.client import (
-        ClientConfig,
-        GenerationError,
-        HopError,
-        PeerHealth,
-        RemoteHop,
-        open_standalone,
-    )
+    from agent.route.health import PeerHealth
+    from agent.route.hops import HopError, RemoteHop
+    from agent.route.standalone import open_standalone
+    from agent.route.view import ClientConfig, GenerationError
     from protocol import FORWARD_PROTOCOL_ID, ErrorReply, Step, TensorFrame
 
     model = ensure_tiny_model("llama", tmp_path / "models")

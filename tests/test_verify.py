@@ -25,16 +25,12 @@ from agent.model.head import ClientHead
 from agent.model.tiny import ensure_tiny_model
 from agent.policy.routing import Hop
 from agent.policy.snapshot import PeerSpan
-from agent.route.client import (
-    ClientConfig,
-    GenerationError,
-    HopError,
-    PeerHealth,
-    RouteSession,
-    generate_ids,
-    open_standalone,
-)
+from agent.route.generate import generate_ids
 from agent.route.generation import GenerateRequest
+from agent.route.health import PeerHealth
+from agent.route.hops import HopError
+from agent.route.session import RouteSession
+from agent.route.standalone import open_standalone
 from agent.route.verify import (
     DEFAULT_TOLERANCE,
     StepSampler,
@@ -44,6 +40,7 @@ from agent.route.verify import (
     relative_error,
     tail_tokens,
 )
+from agent.route.view import ClientConfig, GenerationError
 
 HIDDEN = 8
 

@@ -269,7 +269,7 @@ async def _read_json(request: Request) -> Any:
 
 def as_api_error(exc: Exception, timeout: float) -> ApiError:
     """What an exception from a generation becomes on the wire."""
-    from agent.route.client import GenerationError
+    from agent.route.view import GenerationError
 
     if isinstance(exc, ApiError):
         return exc

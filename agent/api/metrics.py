@@ -2,10 +2,10 @@
 
 Most numbers already live on the node (peer table, serving, mesh counters), so a collector
 reads them when Prometheus scrapes, and nothing is kept twice. Only what happens in hot
-paths is counted as it happens: forward-step latency (STEP_SECONDS, observed by serving),
+paths is counted as it happens: forward-step latency (agent.serve.stats.STEP_SECONDS),
 framed-stream bytes (FramedStream totals) and failovers (PeerHealth.failovers).
 
-Imports prometheus_client only: serving imports this module for STEP_SECONDS.
+Imports prometheus_client only (no torch).
 """
 
 from __future__ import annotations
@@ -15,25 +15,17 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from agent.serve.stats import STEP_SECONDS
 
 if TYPE_CHECKING:
     from agent.daemon.node import Node
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 AGENT_STATES = ("joining", "online", "draining", "leaving")
-
-# One forward step on this agent's blocks (prefill chunks and decode steps alike); a tiny
-# model steps in ~1 ms on a CPU, a 7B span in tens of ms on a GPU, a long prefill in seconds.
-STEP_SECONDS = Histogram(
-    "shardmesh_step_seconds",
-    "Time of one forward step on the blocks this agent serves.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-    registry=None,
-)
-
 
 class NodeCollector(Collector):
     """Reads the node's state at scrape time."""

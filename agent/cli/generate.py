@@ -109,8 +109,8 @@ def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) 
         raise UsageError("a standalone client (--bootstrap) needs --model-dir DIR")
 
     async def main() -> dict[str, Any]:
-        from agent.route.client import open_standalone, wait_for_model
         from agent.route.generation import ClientParts, GenerateRequest, run_generation
+        from agent.route.standalone import open_standalone, wait_for_model
 
         request = GenerateRequest.from_json(req)
         with trio.fail_after(args.timeout):

@@ -91,11 +91,11 @@ class IdleWatch:
         why = "; ".join(self.policy.reasons)
         if action is Action.DRAIN:
             log.warning("owner is back (%s): draining, no new sessions", why)
-            self.serving.draining = True
+            self.serving.set_accepting(False)
             await self._announce("draining")
         elif action is Action.RESUME:
             log.info("owner left again before the drain ended: serving again")
-            self.serving.draining = False
+            self.serving.set_accepting(True)
             await self._announce("online")
         elif action is Action.UNLOAD:
             left = self._sessions()
@@ -107,6 +107,7 @@ class IdleWatch:
             log.info("machine idle for %g s: loading blocks again", self.cfg.holdoff)
             self._set("joining")
             await self.serving.load(self.node)
+            self.serving.set_accepting(True)
             self.policy.loaded()
             await self._announce("online")
 

@@ -33,8 +33,8 @@ from protocol.ids import CAPACITY_TOPIC, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from agent.daemon.idlewatch import IdleWatch
-    from agent.route.client import PeerHealth
     from agent.route.generation import ClientParts
+    from agent.route.health import PeerHealth
     from agent.serve.serving import Serving
 
 log = logging.getLogger("shardmesh.agent")
@@ -70,6 +70,7 @@ class Node:
         self.table = PeerTable(mesh.peer_id)
         self.info = NodeState()
         self.serving: Serving | None = None
+        self._local: Any = None  # set with serving
         # Ad sequence numbers start from the wall clock in ms, so a restarted agent (same
         # peer id) continues above the numbers its previous run used.
         self._seq = int(time.time() * 1000)
@@ -82,7 +83,7 @@ class Node:
         self._health: PeerHealth | None = None
         self.idle: IdleWatch | None = None  # set when [idle] is enabled and a model is served
 
-    # --- what the generation client needs (agent.route.client.MeshView) -----------------------
+    # --- what the generation client needs (agent.route.view.MeshView) ---------------------
     @property
     def host(self) -> Any:
         return self.mesh.host
@@ -90,6 +91,31 @@ class Node:
     @property
     def self_id(self) -> str:
         return self.mesh.peer_id
+
+    @property
+    def local(self) -> Any:
+        """The agent's own blocks as a hop (agent.serve.local.LocalEndpoint), or None."""
+        return self._local
+
+    # --- what the serving part needs (agent.serve.serving.ServingHost) ---------------------
+    @property
+    def peer_id(self) -> str:
+        return self.mesh.peer_id
+
+    def spans_for(self, model_id: str) -> list[PeerSpan]:
+        return self.table.spans_for(model_id)
+
+    def devices(self) -> DeviceReport | None:
+        return self.info.devices
+
+    def set_stream_handler(self, protocol_id: str, handler: Any) -> None:
+        self.mesh.host.set_stream_handler(protocol_id, handler)
+
+    def reason(self) -> str:
+        """Why the agent is in its state; while joining, what the serving part is doing."""
+        if self.info.state == "joining" and self.serving is not None and self.serving.activity:
+            return self.serving.activity
+        return self.info.reason
 
     def spans(self, model_id: str) -> list[PeerSpan]:
         # Entries are expired by expire_loop (every 0.25 s), which also logs and forgets.
@@ -138,8 +164,8 @@ class Node:
     def client_state(self) -> tuple[ClientParts, PeerHealth]:
         """The head/tokenizer cache and peer failure history shared by every way a
         generation reaches this agent (control socket, HTTP API)."""
-        from agent.route.client import PeerHealth
         from agent.route.generation import ClientParts
+        from agent.route.health import PeerHealth
 
         if self._client_parts is None or self._health is None:
             self._client_parts, self._health = ClientParts(), PeerHealth()
@@ -169,7 +195,7 @@ class Node:
             seq=self._seq,
             timestamp=time.time(),
             ttl=self.ad_ttl(),
-            reason=self.info.reason,
+            reason=self.reason(),
         )
 
     def announce_interval(self) -> float:
@@ -282,7 +308,7 @@ class Node:
             "peer_id": self.mesh.peer_id,
             "addrs": self.mesh.listen_addrs(),
             "state": self.info.state,
-            "reason": self.info.reason,
+            "reason": self.reason(),
             "devices": devices.summaries() if devices else [],
             "model": None,
             "model_name": None,
@@ -407,7 +433,7 @@ async def run_agent(cfg: AgentConfig) -> None:
     if cfg.model is not None:
         from agent.serve.serving import Serving  # imports torch: only for agents that serve
 
-        serving = Serving.prepare(cfg)
+        serving = Serving.prepare(cfg.serve)
 
     leaving = trio.Event()
     try:
@@ -463,7 +489,9 @@ async def _run_mesh(
                 nursery.start_soon(_leave_on_signal, signals, node, nursery.cancel_scope, leaving)
                 online = True
                 if serving is not None:
-                    node.serving = serving
+                    from agent.serve.local import LocalEndpoint
+
+                    node.serving, node._local = serving, LocalEndpoint(serving)
                     # Ads say "joining" (with the chosen span) while the blocks load.
                     if cfg.idle.enabled:
                         from agent.daemon.idlewatch import IdleWatch
@@ -508,7 +536,7 @@ async def _drain_for_shutdown(node: Node, signals: Any) -> None:
     serving = node.serving
     if serving is None or serving.shard is None:
         return
-    serving.draining = True
+    serving.set_accepting(False)
     from agent.daemon.sdnotify import bounded_grace
 
     grace = bounded_grace(node.cfg.idle.drain_grace)

@@ -15,7 +15,9 @@ import trio
 
 from agent.model.modelinfo import ModelError, read_model_info
 from agent.model.sampling import SamplingParams
-from agent.route.client import ClientConfig, GenerationError, MeshView, PeerHealth, generate_ids
+from agent.route.generate import generate_ids
+from agent.route.health import PeerHealth
+from agent.route.view import ClientConfig, GenerationError, MeshView
 
 log = logging.getLogger("shardmesh.generate")
 

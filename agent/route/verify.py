@@ -36,18 +36,13 @@ import torch
 import trio
 
 from agent.policy.routing import NoRoute, find_route
-from agent.route.client import (
-    ClientConfig,
-    GenerationError,
-    HopError,
-    HopState,
-    LocalHop,
-    RemoteHop,
-)
-from agent.route.client import _in_chunks as in_chunks
+from agent.route.chunks import in_chunks
+from agent.route.hops import HopError, LocalHop, RemoteHop
+from agent.route.session import HopState
+from agent.route.view import ClientConfig, GenerationError
 
 if TYPE_CHECKING:
-    from agent.route.client import RouteSession
+    from agent.route.session import RouteSession
 
 log = logging.getLogger("shardmesh.verify")
 

@@ -1,61 +1,65 @@
-"""Serving a span of model blocks to the mesh: load, place, sessions, the forward protocol.
+"""Serving a span of model blocks to the mesh: load, sessions, steps, unload.
 
-Imported only by agents started with `--model` (it imports torch). Every request is checked
-against the session and the limits before any work; a bad request gets an ErrorReply on its
-stream and changes nothing, and the agent keeps serving everyone else.
+Imported only by agents started with `--model` (it imports torch through agent.model).
+Requests are checked by agent.serve.admission before any work; the stream side lives in
+agent.serve.handler. The serving part knows its host only through `ServingHost`, so it
+never imports the daemon.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import random
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from agent.api.metrics import STEP_SECONDS
-from agent.config import AgentConfig
+from agent.config import ServeConfig
 from agent.errors import ShardmeshError
-from agent.model.modelinfo import ModelError, ModelInfo, block_param_bytes, read_model_info
-from agent.net.framed import FramedStream, StreamGone
+from agent.hw.devices import DeviceReport
+from agent.model.modelinfo import ModelError, ModelInfo, read_model_info
 from agent.policy.peerlimits import LimitExceeded, PeerLimits
-from agent.policy.placement import blocks_that_fit, choose_span
-from protocol import (
-    FORWARD_PROTOCOL_ID,
-    CloseSession,
-    ErrorReply,
-    FrameTooLarge,
-    OpenSession,
-    ProtocolError,
-    SessionOpened,
-    Step,
-    StepResult,
+from agent.policy.snapshot import PeerSpan
+from agent.serve import memory
+from agent.serve.admission import (
+    RequestRejected,
+    ServingState,
+    SessionShape,
+    check_open,
+    check_step,
 )
+from agent.serve.handler import WRITE_TIMEOUT_S, StreamHandler
+from agent.serve.stats import STEP_SECONDS
+from protocol import FORWARD_PROTOCOL_ID, OpenSession, Step, StepResult
 
 if TYPE_CHECKING:
     import torch
 
-    from agent.daemon.node import Node
     from agent.model.blocks import SessionCache, ShardModel
 
 log = logging.getLogger("shardmesh.serving")
 
-# Auto placement waits this many announce intervals to hear the mesh before choosing.
-PLACEMENT_LISTEN_INTERVALS = 2.5
-WRITE_TIMEOUT_S = 30.0
-WIRE_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+LOCAL_PEER = "local"  # the agent's own client: its owner, held to the global limits only
 
 
-class RequestRejected(Exception):
-    """A request that breaks a limit or does not fit: becomes an ErrorReply."""
+class ServingHost(Protocol):
+    """What the serving part needs from the agent that runs it."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    @property
+    def peer_id(self) -> str: ...
+
+    def spans_for(self, model_id: str) -> list[PeerSpan]: ...
+
+    def devices(self) -> DeviceReport | None: ...
+
+    def set_stream_handler(
+        self, protocol_id: str, handler: Callable[[Any], Awaitable[None]]
+    ) -> None: ...
+
+    async def publish_ad(self, state: str | None = None) -> None: ...
 
 
 @dataclass(eq=False)
@@ -80,8 +84,9 @@ class Serving:
 
     protocol_id = FORWARD_PROTOCOL_ID
 
-    def __init__(self, cfg: AgentConfig, info: ModelInfo) -> None:
+    def __init__(self, cfg: ServeConfig, info: ModelInfo) -> None:
         self.cfg = cfg
+        self.limits = cfg.limits
         self.info = info
         self.shard: ShardModel | None = None
         self.span: tuple[int, int] = (0, 0)  # meaningful once chosen_span() is not None
@@ -92,14 +97,18 @@ class Serving:
         self._reserved = 0
         self._compute = trio.CapacityLimiter(1)  # one forward at a time on the device
         self.tokens_served = 0
-        self.errors_sent: dict[str, int] = {}
         self.peer_limits = PeerLimits(cfg.limits)  # one peer over a limit: only it notices
+        self.handler = StreamHandler(self)
+        # What the serving part is doing on its own ("choosing blocks", "loading blocks
+        # 0:4"), read by the agent's lifecycle for its reason line; "" when settled.
+        self.activity = ""
         # Set while the owner needs the machine or the agent is stopping: no new sessions.
+        # Written only through set_accepting (the lifecycle's drain).
         self.draining = False
 
     # --- set-up ---------------------------------------------------------------------------
     @classmethod
-    def prepare(cls, cfg: AgentConfig) -> Serving:
+    def prepare(cls, cfg: ServeConfig) -> Serving:
         assert cfg.model is not None
         try:
             info = read_model_info(cfg.model)
@@ -122,6 +131,9 @@ class Serving:
     def chosen_span(self) -> tuple[int, int] | None:
         return self.span if self._span_chosen else None
 
+    def choose_span(self, span: tuple[int, int]) -> None:
+        self.span, self._span_chosen = span, True
+
     @property
     def model_id(self) -> str:
         return self.info.model_id
@@ -134,30 +146,38 @@ class Serving:
     def n_blocks(self) -> int:
         return self.info.n_blocks
 
-    async def start(self, node: Node, nursery: trio.Nursery) -> None:
-        """Choose the span, load it, measure it, and open the forward protocol."""
-        await self.load(node)
-        self.open_protocol(node, nursery)
+    def set_accepting(self, accepting: bool) -> None:
+        self.draining = not accepting
 
-    def open_protocol(self, node: Node, nursery: trio.Nursery) -> None:
+    async def start(self, host: ServingHost, nursery: trio.Nursery) -> None:
+        """Choose the span, load it, measure it, and open the forward protocol."""
+        await self.load(host)
+        self.open_protocol(host, nursery)
+
+    def open_protocol(self, host: ServingHost, nursery: trio.Nursery) -> None:
         """Answer the forward protocol (requests get "busy" while no blocks are loaded)."""
-        node.mesh.host.set_stream_handler(FORWARD_PROTOCOL_ID, self.handle_stream)
+        host.set_stream_handler(FORWARD_PROTOCOL_ID, self.handler.handle_stream)
         nursery.start_soon(self._log_load)
 
-    async def load(self, node: Node) -> None:
+    async def load(self, host: ServingHost) -> None:
         """Choose the span (again, with auto placement: the mesh may have changed while we
         were away), load its blocks, measure them and size the KV budget."""
-        device = _pick_device(self.cfg, node)
+        from agent.serve.placing import auto_place
+
+        device = memory.pick_device(self.cfg.device, host.devices())
         span = self.cfg.block_range()
         if span is None:
-            span = await self._auto_place(node, device)
-        self.span, self._span_chosen = span, True
-        node.info.reason = f"loading blocks {span[0]}:{span[1]}"
+            span = await auto_place(self, host, device)
+        self.choose_span(span)
+        self.activity = f"loading blocks {span[0]}:{span[1]}"
         log.info("loading blocks %d:%d of %s on %s", *span, self.info.name, device)
         t0 = time.monotonic()
-        self.shard = await trio.to_thread.run_sync(self._load, device)
-        self.throughput = await trio.to_thread.run_sync(self.shard.measure_throughput)
-        self.kv_budget_bytes = _kv_budget(self.shard, self.cfg)
+        try:
+            self.shard = await trio.to_thread.run_sync(self._load, device)
+            self.throughput = await trio.to_thread.run_sync(self.shard.measure_throughput)
+        finally:
+            self.activity = ""
+        self.kv_budget_bytes = memory.kv_budget(self.shard, self.limits)
         self.peer_limits.set_kv_budget(self.kv_budget_bytes, self.shard.kv_bytes_per_token())
         log.info(
             "loaded in %.1f s; throughput %.0f blocks*tokens/s; KV budget %d tokens",
@@ -165,13 +185,11 @@ class Serving:
             self.throughput,
             self.kv_free_tokens(),
         )
-        self.draining = False
 
     async def unload(self) -> None:
         """End every session (clients fail over and replay elsewhere), then free the blocks'
         memory. Remote sessions end by resetting their stream; the stream handler closes
         them once any forward in flight has finished."""
-        self.draining = True
         await self.end_sessions()
         async with self._compute:  # no forward may be running on the blocks we drop
             shard, self.shard = self.shard, None
@@ -180,7 +198,7 @@ class Serving:
             self.throughput = 0.0
             device = str(shard.device) if shard is not None else "cpu"
             del shard
-            await trio.to_thread.run_sync(_release_memory, device)
+            await trio.to_thread.run_sync(memory.release_memory, device)
         log.info("blocks unloaded; memory returned")
 
     async def end_sessions(self) -> None:
@@ -207,53 +225,13 @@ class Serving:
     def _load(self, device: str) -> ShardModel:
         from agent.model.blocks import ShardModel
 
+        assert self.cfg.model is not None
         try:
             return ShardModel.load(
                 self.cfg.model, self.span[0], self.span[1], dtype=self.cfg.dtype, device=device
             )
         except ModelError as exc:
             raise ShardmeshError(str(exc)) from None
-
-    async def _auto_place(self, node: Node, device: str) -> tuple[int, int]:
-        # Hear the mesh first (with jitter, so agents started together see each other's
-        # "joining" ads and spread out), then pick the span that fills the weakest coverage.
-        node.info.reason = "choosing blocks"
-        wait = self.cfg.announce_interval * PLACEMENT_LISTEN_INTERVALS
-        await trio.sleep(wait * random.uniform(0.5, 1.0))
-        budget = _memory_budget(device)
-        per_block = block_param_bytes(self.info, self.cfg.dtype)
-        capacity = max(1, blocks_that_fit(budget, per_block))
-        if self.cfg.max_blocks:
-            capacity = min(capacity, self.cfg.max_blocks)
-        me = node.mesh.peer_id
-        others = node.table.spans_for(self.model_id)
-        span = choose_span(others, self.n_blocks, capacity, self_id=me)
-        # Agents that chose at the same moment may have picked the same span: announce the
-        # choice, listen, and let the one with the higher peer id move (a few rounds at most).
-        for _ in range(3):
-            self.span, self._span_chosen = span, True
-            await node.publish_ad("joining")
-            await trio.sleep(self.cfg.announce_interval * 1.5)
-            others = node.table.spans_for(self.model_id)
-            clash = any(
-                (p.start, p.end) == span and p.peer_id < me and p.state in ("joining", "online")
-                for p in others
-            )
-            if not clash:
-                break
-            moved = choose_span(others, self.n_blocks, capacity, self_id=me)
-            if moved == span:
-                break
-            log.info("span %d:%d is also taken by a peer that chose first; moving", *span)
-            span = moved
-        log.info(
-            "auto placement: %d peers serve %s; room for %d blocks; chose %d:%d",
-            len(others),
-            self.info.name,
-            capacity,
-            *span,
-        )
-        return span
 
     # --- accounting -----------------------------------------------------------------------
     def _kv_bytes(self, start: int, end: int, tokens: int) -> int:
@@ -267,8 +245,25 @@ class Serving:
         per_token = max(1, self.shard.kv_bytes_per_token())
         return max(0, (self.kv_budget_bytes - self._reserved) // per_token)
 
+    @property
+    def errors_sent(self) -> dict[str, int]:
+        """Error replies sent, by code."""
+        return self.handler.errors_sent
+
     def active_sessions(self) -> int:
         return len(self.sessions)
+
+    def state(self) -> ServingState:
+        return ServingState(
+            loaded=self.shard is not None,
+            draining=self.draining,
+            model_id=self.model_id,
+            span=self.span,
+            open_sessions=len(self.sessions),
+            reserved_bytes=self._reserved,
+            kv_budget_bytes=self.kv_budget_bytes,
+            kv_free_tokens=self.kv_free_tokens(),
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -288,140 +283,12 @@ class Serving:
             "peer_limits": self.peer_limits.status(),
         }
 
-    # --- the forward protocol -------------------------------------------------------------
-    async def handle_stream(self, stream: Any) -> None:
-        # Its own cancel scope, so that end_sessions can stop a handler blocked on a read.
-        with trio.CancelScope() as scope:
-            await self._serve_stream(stream, scope)
-
-    async def _serve_stream(self, stream: Any, scope: trio.CancelScope) -> None:
-        peer = stream.muxed_conn.peer_id.to_base58()
-        framed = FramedStream(stream, max_frame=self.cfg.limits.max_frame_bytes)
-        session: Session | None = None
-        charged = 0  # bytes of this stream already charged to the peer's byte rate
-        try:
-            while True:
-                with trio.move_on_after(self.cfg.limits.session_idle_timeout) as idle:
-                    try:
-                        msg = await framed.receive()
-                    except ProtocolError as exc:  # FrameTooLarge included
-                        # A frame that does not decode still costs the peer a request and
-                        # its bytes: garbage is paced like anything else.
-                        nbytes, charged = framed.bytes_in - charged, framed.bytes_in
-                        code = "too_large" if isinstance(exc, FrameTooLarge) else exc.code
-                        if not await self._refuse_frame(framed, peer, nbytes, code, str(exc)):
-                            return
-                        continue
-                if idle.cancelled_caught:
-                    log.info("session of %s idle too long; closing", peer)
-                    return
-                if isinstance(msg, CloseSession):
-                    return
-                nbytes, charged = framed.bytes_in - charged, framed.bytes_in
-                try:
-                    await self._pace(peer, nbytes)
-                    if isinstance(msg, OpenSession):
-                        if session is not None:
-                            raise RequestRejected("bad_request", "a session is already open")
-                        session = self.open_session(peer, msg)
-                        session.stream, session.handler = stream, scope
-                        reply: Any = SessionOpened(
-                            session_id=session.id,
-                            max_length=session.max_length,
-                            kv_free_tokens=self.kv_free_tokens(),
-                        )
-                    elif isinstance(msg, Step):
-                        reply = await self.run_step(session, msg)
-                    else:
-                        raise RequestRejected("bad_request", f"unexpected {type(msg).__name__}")
-                except RequestRejected as exc:
-                    step = msg.step if isinstance(msg, Step) else None
-                    if not await self._refuse(framed, peer, exc.code, str(exc), step):
-                        return
-                    continue
-                with trio.fail_after(WRITE_TIMEOUT_S):
-                    await framed.send(reply)
-        except (StreamGone, trio.TooSlowError) as exc:
-            log.debug("stream from %s ended: %s", peer, exc)
-        finally:
-            if session is not None:
-                self.close_session(session)
-            await framed.close()
-
-    async def _refuse_frame(
-        self, framed: FramedStream, peer: str, nbytes: int, code: str, message: str
-    ) -> bool:
-        """Answer an undecodable frame after pacing it; False: drop the peer's stream."""
-        try:
-            await self._pace(peer, nbytes)
-        except RequestRejected as exc:
-            code, message = exc.code, str(exc)
-        return await self._refuse(framed, peer, code, message, None)
-
-    async def _refuse(
-        self, framed: FramedStream, peer: str, code: str, message: str, step: int | None
-    ) -> bool:
-        """Send the error reply; False when the peer keeps ignoring its rate limit and its
-        stream is to be dropped."""
-        await self._reply_error(framed, code, message, step)
-        if code == "rate_limited" and self.peer_limits.should_drop(peer):
-            log.info("%s ignores rate limiting; dropping its stream", peer)
-            return False
-        return True
-
-    async def _pace(self, peer: str, nbytes: int) -> None:
-        """Per-peer requests/s and bytes/s: wait for the peer's turn, or refuse the request
-        when that wait would be too long."""
-        try:
-            wait = self.peer_limits.admit(peer, nbytes)
-        except LimitExceeded as exc:
-            raise RequestRejected(exc.code, str(exc)) from None
-        if wait > 0:
-            await trio.sleep(wait)
-
-    async def _reply_error(
-        self, framed: FramedStream, code: str, message: str, step: int | None
-    ) -> None:
-        self.errors_sent[code] = self.errors_sent.get(code, 0) + 1
-        with trio.fail_after(WRITE_TIMEOUT_S):
-            await framed.send(ErrorReply(code=code, message=message[:1000], step=step))
-
+    # --- sessions and steps ---------------------------------------------------------------
     def open_session(self, peer: str, msg: OpenSession) -> Session:
-        lim = self.cfg.limits
-        if self.shard is None:
-            raise RequestRejected("busy", "blocks are not loaded")
-        if self.draining:
-            raise RequestRejected("draining", "this peer is draining: its owner needs it")
-        if msg.model_id != self.model_id:
-            raise RequestRejected(
-                "wrong_model", f"this peer serves {self.model_id}, not {msg.model_id}"
-            )
-        lo, hi = self.span
-        if not lo <= msg.start < msg.end <= hi:
-            raise RequestRejected(
-                "span_not_served", f"blocks {msg.start}:{msg.end} are not within {lo}:{hi}"
-            )
-        if msg.dtype not in WIRE_FLOAT_DTYPES:
-            # The wire dtype is the client's choice; blocks compute in the agent's --dtype.
-            raise RequestRejected(
-                "wrong_dtype", f"hidden states must be one of {WIRE_FLOAT_DTYPES}"
-            )
-        if msg.batch < 1 or msg.batch > lim.max_batch:
-            raise RequestRejected("bad_request", f"batch must be 1..{lim.max_batch}")
-        if msg.max_length < 1 or msg.max_length > lim.max_session_tokens:
-            raise RequestRejected(
-                "too_long", f"max_length must be 1..{lim.max_session_tokens} tokens"
-            )
-        if len(self.sessions) >= lim.max_sessions:
-            raise RequestRejected("too_many_sessions", f"{lim.max_sessions} sessions are open")
-        need = self._kv_bytes(msg.start, msg.end, msg.max_length * msg.batch)
-        if self._reserved + need > self.kv_budget_bytes:
-            raise RequestRejected(
-                "kv_budget",
-                f"not enough KV-cache memory for {msg.batch}x{msg.max_length} tokens "
-                f"({self.kv_free_tokens()} tokens free)",
-            )
-        if peer != "local":  # the agent's own client is its owner: global limits only
+        need = self._kv_bytes(msg.start, msg.end, msg.max_length * msg.batch) if self.shard else 0
+        check_open(msg, self.state(), self.limits, need)
+        assert self.shard is not None
+        if peer != LOCAL_PEER:
             try:
                 self.peer_limits.open_session(peer, need)
             except LimitExceeded as exc:
@@ -446,7 +313,7 @@ class Serving:
     def close_session(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self._reserved -= session.reserved_bytes
-            if session.peer != "local":
+            if session.peer != LOCAL_PEER:
                 self.peer_limits.close_session(session.peer, session.reserved_bytes)
             log.debug("session %s closed after %d steps", session.id, session.steps)
 
@@ -457,34 +324,11 @@ class Serving:
             raise RequestRejected("no_session", "open a session before sending steps")
         if session.id not in self.sessions or self.shard is None:
             raise RequestRejected("no_session", "the session was ended: blocks unloaded")
-        t = msg.hidden
-        if t.dtype != session.dtype:
-            raise RequestRejected("wrong_dtype", f"hidden states must be {session.dtype}")
-        if (
-            len(t.shape) != 3
-            or t.shape[0] != session.batch
-            or t.shape[1] < 1
-            or (t.shape[2] != self.info.hidden_size)
-        ):
-            raise RequestRejected(
-                "wrong_shape",
-                f"hidden states must be [{session.batch}, tokens, {self.info.hidden_size}], "
-                f"got {list(t.shape)}",
-            )
-        if msg.position != session.cache.length:
-            raise RequestRejected(
-                "position",
-                f"step at position {msg.position}, but the session holds "
-                f"{session.cache.length} tokens",
-            )
-        if msg.position + t.shape[1] > session.max_length:
-            raise RequestRejected(
-                "too_long", f"positions beyond the session's max length {session.max_length}"
-            )
+        shape = SessionShape(session.batch, session.dtype, session.max_length, session.cache.length)
+        check_step(msg, shape, self.info.hidden_size)
         shard = self.shard
-        assert shard is not None
         try:
-            hidden = from_frame(t, device=shard.device)
+            hidden = from_frame(msg.hidden, device=shard.device)
         except WireError as exc:
             raise RequestRejected("bad_request", str(exc)) from None
         t0 = time.perf_counter()
@@ -498,6 +342,7 @@ class Serving:
             log.exception("forward failed")
             raise RequestRejected("internal", f"forward failed: {type(exc).__name__}") from None
         session.steps += 1
+        t = msg.hidden
         self.tokens_served += t.shape[0] * t.shape[1]
         elapsed = (time.perf_counter() - t0) * 1000
         STEP_SECONDS.observe(elapsed / 1000)
@@ -516,53 +361,3 @@ class Serving:
                 log.info(
                     "%d sessions open, %d KV tokens free", len(self.sessions), self.kv_free_tokens()
                 )
-
-
-def _pick_device(cfg: AgentConfig, node: Node) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    # NVML indexes by PCI bus; make CUDA agree before torch initialises it.
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    from agent.hw.devices import best_cuda_device
-
-    report = node.info.devices
-    index = best_cuda_device(report) if report else None
-    if index is None:
-        return "cpu"
-    import torch
-
-    return f"cuda:{index}" if torch.cuda.is_available() else "cpu"
-
-
-def _release_memory(device: str) -> None:
-    """Give freed blocks back: collect cycles, and return CUDA's cached blocks to the driver."""
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _free_memory(device: str) -> int:
-    """Free bytes on `device`: the GPU's free memory, or the machine's available RAM."""
-    if device.startswith("cuda"):
-        import torch
-
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def _memory_budget(device: str) -> int:
-    """Bytes this agent may spend on weights: 80% of the device's free memory."""
-    return int(_free_memory(device) * 0.8)
-
-
-def _kv_budget(shard: ShardModel, cfg: AgentConfig) -> int:
-    if cfg.limits.kv_budget_tokens:
-        return cfg.limits.kv_budget_tokens * shard.kv_bytes_per_token()
-    return int(_free_memory(str(shard.device)) * cfg.limits.kv_memory_fraction)

@@ -1,0 +1,102 @@
+"""A client that joins the mesh by itself (no local agent): listens to ads, opens sessions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.errors import ShardmeshError
+from agent.policy.routing import NoRoute, find_route
+from agent.policy.snapshot import PeerSpan
+from agent.route.view import GenerationError
+
+
+class StandaloneView:
+    """A mesh node that only listens to ads and opens sessions (no ads, no serving)."""
+
+    local = None
+
+    def __init__(self, mesh: Any) -> None:
+        from agent.policy.peertable import PeerTable
+
+        self.mesh = mesh
+        self.host = mesh.host
+        self.self_id = mesh.peer_id
+        self.table = PeerTable(mesh.peer_id)
+
+    def spans(self, model_id: str) -> list[PeerSpan]:
+        self.table.expire(time.monotonic(), self.mesh.is_connected)
+        return self.table.spans_for(model_id)
+
+    def on_ad(self, ad: Any) -> None:
+        self.table.update(ad, time.monotonic())
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        return self.table.addrs(peer_id)
+
+
+@asynccontextmanager
+async def open_standalone(
+    bootstrap: Sequence[str],
+    *,
+    join_timeout_s: float = 15.0,
+    swarm_secret_file: Path | None = None,
+) -> AsyncIterator[StandaloneView]:
+    """Join the mesh through `bootstrap` with a throwaway identity and listen to its ads
+    (a private swarm's members admit it only with the swarm's secret)."""
+    import tempfile
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from agent.config import AgentConfig, SwarmConfig
+    from agent.net.mesh import open_mesh
+
+    if not bootstrap:
+        raise GenerationError("a standalone client needs at least one --bootstrap address")
+    cfg = AgentConfig(
+        state_dir=Path(tempfile.gettempdir()),
+        listen=("/ip4/127.0.0.1/tcp/0",),
+        mdns=False,
+        swarm=SwarmConfig(secret_file=swarm_secret_file),
+    )
+    async with open_mesh(cfg, create_new_key_pair()) as mesh, trio.open_nursery() as nursery:
+        view = StandaloneView(mesh)
+        nursery.start_soon(mesh.receive_ads, view.on_ad)
+        errors = []
+        with trio.move_on_after(join_timeout_s):
+            for addr in bootstrap:
+                try:
+                    await mesh.dial([addr])
+                    break
+                except ConnectionError as exc:
+                    errors.append(str(exc))
+            else:
+                raise GenerationError(f"cannot join the mesh: {'; '.join(errors)}")
+        if not mesh.connected_peers():
+            raise GenerationError("cannot join the mesh: bootstrap peers did not answer in time")
+        try:
+            yield view
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def wait_for_model(view: StandaloneView, want: str, timeout_s: float) -> tuple[str, int]:
+    """Wait until some peer advertises a model matching `want` (id or unique name) and every
+    block is served; returns (model id, n_blocks)."""
+    from agent.policy.modelresolve import resolve_model
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            model_id, n_blocks = resolve_model(want, view.table.models())
+            find_route(view.spans(model_id), 0, n_blocks, rtt_ms={})
+            return model_id, n_blocks
+        except (ShardmeshError, NoRoute) as exc:
+            if time.monotonic() >= deadline:
+                raise GenerationError(str(exc)) from None
+        await trio.sleep(0.2)

@@ -1,0 +1,140 @@
+"""The forward protocol's server side: one libp2p stream, one session, until it closes.
+
+Every frame is paced per peer (requests/s and bytes/s) before any work, checked by the
+serving part, and answered; a bad frame gets an ErrorReply and the stream goes on, a peer
+that keeps ignoring its rate limit loses the stream. Everyone else notices nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from agent.net.framed import FramedStream, StreamGone
+from agent.policy.peerlimits import LimitExceeded
+from agent.serve.admission import RequestRejected
+from protocol import (
+    CloseSession,
+    ErrorReply,
+    FrameTooLarge,
+    OpenSession,
+    ProtocolError,
+    SessionOpened,
+    Step,
+)
+
+if TYPE_CHECKING:
+    from agent.serve.serving import Serving, Session
+
+log = logging.getLogger("shardmesh.serving")
+
+WRITE_TIMEOUT_S = 30.0
+
+
+class StreamHandler:
+    """Answers `/shardmesh/forward/...` streams for one `Serving`."""
+
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+        self.limits = serving.limits
+        self.errors_sent: dict[str, int] = {}
+
+    async def handle_stream(self, stream: Any) -> None:
+        # Its own cancel scope, so that end_sessions can stop a handler blocked on a read.
+        with trio.CancelScope() as scope:
+            await self._serve_stream(stream, scope)
+
+    async def _serve_stream(self, stream: Any, scope: trio.CancelScope) -> None:
+        serving = self.serving
+        peer = stream.muxed_conn.peer_id.to_base58()
+        framed = FramedStream(stream, max_frame=self.limits.max_frame_bytes)
+        session: Session | None = None
+        charged = 0  # bytes of this stream already charged to the peer's byte rate
+        try:
+            while True:
+                with trio.move_on_after(self.limits.session_idle_timeout) as idle:
+                    try:
+                        msg = await framed.receive()
+                    except ProtocolError as exc:  # FrameTooLarge included
+                        # A frame that does not decode still costs the peer a request and
+                        # its bytes: garbage is paced like anything else.
+                        nbytes, charged = framed.bytes_in - charged, framed.bytes_in
+                        code = "too_large" if isinstance(exc, FrameTooLarge) else exc.code
+                        if not await self._refuse_frame(framed, peer, nbytes, code, str(exc)):
+                            return
+                        continue
+                if idle.cancelled_caught:
+                    log.info("session of %s idle too long; closing", peer)
+                    return
+                if isinstance(msg, CloseSession):
+                    return
+                nbytes, charged = framed.bytes_in - charged, framed.bytes_in
+                try:
+                    await self._pace(peer, nbytes)
+                    if isinstance(msg, OpenSession):
+                        if session is not None:
+                            raise RequestRejected("bad_request", "a session is already open")
+                        session = serving.open_session(peer, msg)
+                        session.stream, session.handler = stream, scope
+                        reply: Any = SessionOpened(
+                            session_id=session.id,
+                            max_length=session.max_length,
+                            kv_free_tokens=serving.kv_free_tokens(),
+                        )
+                    elif isinstance(msg, Step):
+                        reply = await serving.run_step(session, msg)
+                    else:
+                        raise RequestRejected("bad_request", f"unexpected {type(msg).__name__}")
+                except RequestRejected as exc:
+                    step = msg.step if isinstance(msg, Step) else None
+                    if not await self._refuse(framed, peer, exc.code, str(exc), step):
+                        return
+                    continue
+                with trio.fail_after(WRITE_TIMEOUT_S):
+                    await framed.send(reply)
+        except (StreamGone, trio.TooSlowError) as exc:
+            log.debug("stream from %s ended: %s", peer, exc)
+        finally:
+            if session is not None:
+                serving.close_session(session)
+            await framed.close()
+
+    async def _refuse_frame(
+        self, framed: FramedStream, peer: str, nbytes: int, code: str, message: str
+    ) -> bool:
+        """Answer an undecodable frame after pacing it; False: drop the peer's stream."""
+        try:
+            await self._pace(peer, nbytes)
+        except RequestRejected as exc:
+            code, message = exc.code, str(exc)
+        return await self._refuse(framed, peer, code, message, None)
+
+    async def _refuse(
+        self, framed: FramedStream, peer: str, code: str, message: str, step: int | None
+    ) -> bool:
+        """Send the error reply; False when the peer keeps ignoring its rate limit and its
+        stream is to be dropped."""
+        await self._reply_error(framed, code, message, step)
+        if code == "rate_limited" and self.serving.peer_limits.should_drop(peer):
+            log.info("%s ignores rate limiting; dropping its stream", peer)
+            return False
+        return True
+
+    async def _pace(self, peer: str, nbytes: int) -> None:
+        """Per-peer requests/s and bytes/s: wait for the peer's turn, or refuse the request
+        when that wait would be too long."""
+        try:
+            wait = self.serving.peer_limits.admit(peer, nbytes)
+        except LimitExceeded as exc:
+            raise RequestRejected(exc.code, str(exc)) from None
+        if wait > 0:
+            await trio.sleep(wait)
+
+    async def _reply_error(
+        self, framed: FramedStream, code: str, message: str, step: int | None
+    ) -> None:
+        self.errors_sent[code] = self.errors_sent.get(code, 0) + 1
+        with trio.fail_after(WRITE_TIMEOUT_S):
+            await framed.send(ErrorReply(code=code, message=message[:1000], step=step))
