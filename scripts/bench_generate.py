@@ -12,7 +12,7 @@ defaults), made once under --workdir and reused. Every measurement runs in a fre
           --repeats runs; the median is reported.
   mesh k  the layers split evenly into k spans, k agents (`shardmesh up --threads 1`), and a
           standalone client (embeddings + LM head, torch.set_num_threads(1)) in a child process
-          that runs `agent.route.client.generate_ids` for the same prompt and N: one warm-up, then
+          that runs `agent.route.generate.generate_ids` for the same prompt and N: one warm-up, then
           --repeats runs, median of its decode_tokens_per_s. Its greedy tokens must equal the
           local run's.
 
@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -53,14 +51,14 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.api.control import ControlError, request  # noqa: E402
+from agent.testing.agents import AgentError, AgentProcess, pdeathsig_preexec, stop_all  # noqa: E402
+from agent.testing.report import machine_info, markdown_table, write_json  # noqa: E402
 
 # Child processes get one BLAS/OpenMP thread too, so no pool is sized to the whole machine.
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -71,6 +69,10 @@ PAD_ID = 0
 
 class BenchError(Exception):
     """The benchmark cannot go on (a process failed, a wait ran out); one line for the user."""
+
+
+# Either of ours, or an agent that would not start (agent.testing's AgentError).
+FAILURES = (BenchError, AgentError)
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -226,13 +228,10 @@ def mesh_worker(
     import trio
 
     from agent.model.head import ClientHead
-    from agent.route.client import (
-        ClientConfig,
-        PeerHealth,
-        generate_ids,
-        open_standalone,
-        wait_for_model,
-    )
+    from agent.route.generate import generate_ids
+    from agent.route.health import PeerHealth
+    from agent.route.standalone import open_standalone, wait_for_model
+    from agent.route.view import ClientConfig
 
     head = ClientHead.load(model_dir, dtype="float32", device="cpu")
     want = sorted(tuple(s) for s in spans)
@@ -355,7 +354,7 @@ def run_worker(argv: list[str], timeout: float, env: dict[str, str] | None = Non
             text=True,
             timeout=timeout,
             env={**os.environ, **ONE_THREAD_ENV, **(env or {})},
-            preexec_fn=_die_with_parent,
+            preexec_fn=pdeathsig_preexec,
         )
     except subprocess.TimeoutExpired:
         raise BenchError(f"worker {argv[0]} did not finish within {timeout:g} s") from None
@@ -367,116 +366,39 @@ def run_worker(argv: list[str], timeout: float, env: dict[str, str] | None = Non
 
 
 # --- agents -------------------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it if the benchmark process dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class AgentProc:
-    """`shardmesh up --model ... --blocks s:e --threads 1` as a child; stopped by pid."""
-
-    def __init__(self, name: str, root: Path, model_dir: Path, span: tuple[int, int]) -> None:
-        self.name = name
-        self.state_dir = root / name
-        self.log_path = root / f"{name}.log"
-        self.model_dir = model_dir
-        self.span = span
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.addr = ""
-
-    @property
-    def control(self) -> Path:
-        return self.state_dir / "control.sock"
-
-    def spawn(self, bootstrap: str | None) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cmd = [
-            sys.executable, "-m", "agent.cli", "up",
-            "--state-dir", str(self.state_dir),
-            "--no-mdns",
-            "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--announce-interval", str(ANNOUNCE_INTERVAL_S),
-            "--ad-ttl", str(AD_TTL_S),
-            "--model", str(self.model_dir),
-            "--blocks", f"{self.span[0]}:{self.span[1]}",
-            "--threads", "1",
-        ]  # fmt: skip
-        if bootstrap:
-            cmd += ["--bootstrap", bootstrap]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **ONE_THREAD_ENV},
-                preexec_fn=_die_with_parent,
-            )
-
-    def call(self, cmd: str) -> Any:
-        try:
-            return request(self.control, cmd, timeout=5.0)
-        except (ControlError, OSError, ValueError):
-            return None
-
-    def wait_online(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise BenchError(f"agent {self.name} exited: {self.tail()}")
-            status = self.call("status") if self.control.exists() else None
-            if status and status.get("state") == "online":
-                self.addr = status["addrs"][0]
-                return
-            time.sleep(0.1)
-        raise BenchError(f"agent {self.name} not online within {timeout:g} s: {self.tail()}")
-
-    def tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return lines[-1] if lines else "(empty log)"
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+def agent_process(
+    root: Path, name: str, model_dir: Path, span: tuple[int, int], bootstrap: str | None
+) -> AgentProcess:
+    """`shardmesh up --model ... --blocks s:e --threads 1`, one BLAS thread, dies with us."""
+    args = ["--announce-interval", str(ANNOUNCE_INTERVAL_S), "--ad-ttl", str(AD_TTL_S)]
+    args += ["--model", str(model_dir), "--blocks", f"{span[0]}:{span[1]}", "--threads", "1"]
+    if bootstrap:
+        args += ["--bootstrap", bootstrap]
+    return AgentProcess(root / name, args, env=ONE_THREAD_ENV, cwd=REPO, die_with_parent=True)
 
 
 @contextlib.contextmanager
 def agents_running(
     model_dir: Path, spans: list[tuple[int, int]], root: Path, timeout: float, prefix: str = ""
-) -> Iterator[list[AgentProc]]:
+) -> Iterator[list[AgentProcess]]:
     """k agents, agent 0 alone and the others bootstrapped to it; all stopped on exit."""
     prefix = prefix or f"k{len(spans)}"
-    agents = [AgentProc(f"{prefix}-a{i}", root, model_dir, span) for i, span in enumerate(spans)]
+    agents: list[AgentProcess] = []
     try:
-        for i, a in enumerate(agents):
-            a.spawn(agents[0].addr if i else None)
-            a.wait_online(timeout)
+        for i, span in enumerate(spans):
+            boot = agents[0].addr if agents else None
+            agents.append(agent_process(root, f"{prefix}-a{i}", model_dir, span, boot))
+            agents[-1].start(timeout)
         wait_coverage(agents[0], timeout)
         yield agents
     finally:
-        for a in agents:  # signal all first so they leave in parallel
-            if a.proc is not None and a.proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    a.proc.send_signal(signal.SIGTERM)
-        for a in agents:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                a.stop()
+        stop_all(agents)
 
 
-def wait_coverage(agent: AgentProc, timeout: float) -> None:
+def wait_coverage(agent: AgentProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        peers = agent.call("peers")
+        peers = agent.request_or_none("peers")
         if peers and any(c["complete"] for c in peers.get("coverage", [])):
             return
         time.sleep(0.2)
@@ -489,30 +411,7 @@ def split_layers(n_layers: int, k: int) -> list[tuple[int, int]]:
 
 
 # --- report -------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_model": model,
-        "logical_cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "libp2p": version("libp2p"),
-        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+GENERATE_PACKAGES = ("torch", "transformers", "libp2p")  # the versions the numbers depend on
 
 
 def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -522,24 +421,29 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def _match(r: dict[str, Any]) -> str:
+    return "same" if r["tokens_match"] else f"DIFFER at {r['first_mismatch']}"
+
+
 def print_table(report: dict[str, Any]) -> None:
     local, m, cfg = report["local"], report["machine"], report["config"]
-    print()
-    print(f"{'setup':<10} {'decode tok/s':>12} {'ratio':>6} {'ms/token':>9} {'overhead/hop ms':>16}"
-          f" {'transport ms/hop':>17} {'prefill ms':>10}  tokens")  # fmt: skip
-    print(f"{'local':<10} {local['decode_tokens_per_s']:>12.2f} {1.0:>6.3f} "
-          f"{1000 / local['decode_tokens_per_s']:>9.2f} {'-':>16} {'-':>17} "
-          f"{local['prefill_s'] * 1000:>10.1f}  reference")  # fmt: skip
+    headers = ("setup", "decode tok/s", "ratio", "ms/token", "overhead/hop ms",
+               "transport ms/hop", "prefill ms", "tokens")  # fmt: skip
+    rows: list[tuple[object, ...]] = []
+    rows.append(("local", f"{local['decode_tokens_per_s']:.2f}", f"{1.0:.3f}",
+                 f"{1000 / local['decode_tokens_per_s']:.2f}", "-", "-",
+                 f"{local['prefill_s'] * 1000:.1f}", "reference"))  # fmt: skip
     for r in report["mesh"]:
+        name = f"mesh k={r['k']}"
         if "error" in r:
-            print(f"{'mesh k=' + str(r['k']):<10} failed: {r['error']}")
+            rows.append((name, f"failed: {r['error']}"))
             continue
-        transport = "/".join(f"{t:.2f}" for t in r["transport_ms"])
-        match = "same" if r["tokens_match"] else f"DIFFER at {r['first_mismatch']}"
-        print(f"{'mesh k=' + str(r['k']):<10} {r['decode_tokens_per_s']:>12.2f} "
-              f"{r['ratio']:>6.3f} {1000 / r['decode_tokens_per_s']:>9.2f} "
-              f"{r['overhead_per_hop_ms']:>16.2f} {transport:>17} "
-              f"{r['prefill_s'] * 1000:>10.1f}  {match}")  # fmt: skip
+        rows.append((name, f"{r['decode_tokens_per_s']:.2f}", f"{r['ratio']:.3f}",
+                     f"{1000 / r['decode_tokens_per_s']:.2f}", f"{r['overhead_per_hop_ms']:.2f}",
+                     "/".join(f"{t:.2f}" for t in r["transport_ms"]),
+                     f"{r['prefill_s'] * 1000:.1f}", _match(r)))  # fmt: skip
+    print()
+    print(markdown_table(headers, rows))
     print(
         f"\nmodel: Llama-shaped, {cfg['params'] / 1e6:.0f}M parameters (hidden {cfg['hidden']}, "
         f"{cfg['layers']} layers, vocab {cfg['vocab']}), random weights, float32; prompt "
@@ -573,17 +477,19 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def print_verify_table(report: dict[str, Any]) -> None:
-    print(f"\n{'verified outputs':<18} {'fraction':>8} {'decode tok/s':>12} {'vs off':>7}"
-          f" {'verified':>8} {'unverified':>10}  tokens")  # fmt: skip
+    headers = ("verified outputs", "fraction", "decode tok/s", "vs off", "verified",
+               "unverified", "tokens")  # fmt: skip
+    rows: list[tuple[object, ...]] = []
     for r in report["verify"]:
         name = f"k={r['k']} ({2 * r['k']} agents)"
         if "error" in r:
-            print(f"{name:<18} failed: {r['error']}")
+            rows.append((name, f"failed: {r['error']}"))
             continue
-        match = "same" if r["tokens_match"] else f"DIFFER at {r['first_mismatch']}"
-        print(f"{name:<18} {r['fraction']:>8g} {r['decode_tokens_per_s']:>12.2f} "
-              f"{r['vs_off']:>7.3f} {r['verified_steps']:>8} {r['unverified_steps']:>10}  "
-              f"{match}")  # fmt: skip
+        rows.append((name, f"{r['fraction']:g}", f"{r['decode_tokens_per_s']:.2f}",
+                     f"{r['vs_off']:.3f}", r["verified_steps"], r["unverified_steps"],
+                     _match(r)))  # fmt: skip
+    print()
+    print(markdown_table(headers, rows))
     print(
         "verified outputs: every span served by two agents; a sampled step also runs on the"
         "\nother replica of each hop (concurrently). vs off = rate / rate at fraction 0, same "
@@ -644,7 +550,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     common = ["--model-dir", str(model_dir), "--prompt", json.dumps(prompt)]
     common += ["--tokens", str(args.tokens), "--repeats", str(args.repeats)]
     report: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info(GENERATE_PACKAGES),
         "config": {
             "params": param_count(model_dir),
             "hidden": args.hidden,
@@ -659,7 +565,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "method": {
                 "local": "HF generate(do_sample=False) in a fresh process, torch threads 1; a "
                 "streamer timestamps each token; decode tok/s = (N-1) / (t_token_N - t_token_1)",
-                "mesh": "agent.route.client.generate_ids from a standalone client process (torch "
+                "mesh": "agent.route.generate.generate_ids from a standalone client process (torch "
                 "threads 1) through k `shardmesh up --threads 1` agents on loopback; its "
                 "decode_tokens_per_s counts the same N-1 tokens",
                 "overhead_per_hop_ms": "(1/mesh_rate - 1/local_rate) / k * 1000",
@@ -685,7 +591,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             with agents_running(model_dir, spans, root, args.ready_timeout) as agents:
                 worker = ["mesh", *common, "--spans", json.dumps(spans)]
                 res = run_worker([*worker, "--bootstrap", agents[0].addr], args.timeout)
-        except BenchError as exc:
+        except FAILURES as exc:
             row["error"] = str(exc)
             print(f"mesh k={k}: FAILED: {exc}", flush=True)
             report["mesh"].append(row)
@@ -724,7 +630,7 @@ def bench_verify(
             with agents_running(model_dir, spans * 2, root, args.ready_timeout, f"v{k}") as agents:
                 worker = ["mesh", *common, "--spans", json.dumps(spans * 2), "--verify", fractions]
                 res = run_worker([*worker, "--bootstrap", agents[0].addr], args.timeout)
-        except BenchError as exc:
+        except FAILURES as exc:
             print(f"verify k={k}: FAILED: {exc}", flush=True)
             rows.append({"k": k, "error": str(exc)})
             continue
@@ -757,13 +663,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench_generate: interrupted; every process was stopped", file=sys.stderr)
         return 130
-    except BenchError as exc:
+    except FAILURES as exc:
         print(f"bench_generate: {exc}", file=sys.stderr)
         return 1
     report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     failed = [r["k"] for r in report["mesh"] if "error" in r or not r.get("tokens_match")]
     failed += [r["k"] for r in report.get("verify", []) if not r.get("tokens_match")]

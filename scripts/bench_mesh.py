@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -50,160 +47,35 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.api.control import ControlError, request  # noqa: E402
+from agent.testing.agents import AgentError, AgentProcess, stop_all  # noqa: E402
+from agent.testing.report import machine_info, markdown_table, write_json  # noqa: E402
 
-MIB = 1024 * 1024
 EXPIRE_LOOP_S = 0.25  # agent.daemon.node.Node.expire_loop's period
+MESH_PACKAGES = ("libp2p", "trio")  # the versions a mesh-only run depends on
 
 
 class BenchError(Exception):
     """The mesh did not reach a state the benchmark waits for; one line for the user."""
 
 
-# --- one agent process ------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it if the benchmark process dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# A failed wait here, or an agent that would not start (agent.testing's AgentError).
+FAILURES = (BenchError, AgentError)
 
 
+# --- agent processes --------------------------------------------------------------------------
 @dataclass
 class GossipConfig:
     announce_interval: float
     ad_ttl: float
 
-
-class AgentProc:
-    """`shardmesh up` as a child process; every wait bounded, stopped by pid."""
-
-    def __init__(self, name: str, root: Path, gossip: GossipConfig, bootstrap: Sequence[str]):
-        self.name = name
-        self.state_dir = root / name
-        self.log_path = root / f"{name}.log"
-        self.gossip = gossip
-        self.bootstrap = list(bootstrap)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ps: psutil.Process | None = None
-        self.peer_id = ""
-        self.addr = ""
-        self.t_spawn = 0.0
-        self.t_online = 0.0
-        # Interpreter options before `-m agent.cli` (e.g. -X tracemalloc) and extra env.
-        self.python_args: list[str] = []
-        self.env: dict[str, str] = {}
-
-    @property
-    def control(self) -> Path:
-        return self.state_dir / "control.sock"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def spawn(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cmd = [
-            sys.executable,
-            *self.python_args,
-            "-m",
-            "agent.cli",
-            "up",
-            "--state-dir",
-            str(self.state_dir),
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--announce-interval",
-            str(self.gossip.announce_interval),
-            "--ad-ttl",
-            str(self.gossip.ad_ttl),
-        ]
-        for addr in self.bootstrap:
-            cmd += ["--bootstrap", addr]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-                preexec_fn=_die_with_parent,
-            )
-        self.ps = psutil.Process(self.proc.pid)
-        self.t_spawn = time.monotonic()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def call(self, cmd: str, timeout: float = 5.0) -> dict[str, Any] | None:
-        """The control API's answer, or None while the agent cannot answer."""
-        try:
-            return request(self.control, cmd, timeout=timeout)
-        except (ControlError, OSError, ValueError):
-            return None
-
-    def peer_ids(self) -> set[str] | None:
-        peers = self.call("peers")
-        return None if peers is None else {p["peer_id"] for p in peers["peers"]}
-
-    def wait_online(self, timeout: float, poll: float = 0.02) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise BenchError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
-            status = self.call("status", timeout=1.0) if self.control.exists() else None
-            if status and status.get("state") == "online":
-                self.t_online = time.monotonic()
-                self.peer_id = status["peer_id"]
-                self.addr = status["addrs"][0]
-                return
-            time.sleep(poll)
-        raise BenchError(f"{self.name} did not come online within {timeout:g} s: {self.tail()}")
-
-    def rss_mib(self) -> float:
-        assert self.ps is not None
-        return self.ps.memory_info().rss / MIB
-
-    def cpu_s(self) -> float:
-        assert self.ps is not None
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
-    def tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return lines[-1] if lines else "(empty log)"
-
-    def send(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def stop(self, timeout: float = 10.0, signalled: bool = False) -> int | None:
-        """SIGTERM (unless `signalled` already: a second SIGTERM while the agent leaves would
-        kill it outright), then SIGKILL after `timeout`; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            if not signalled:
-                self.send(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+    def flags(self) -> list[str]:
+        return ["--announce-interval", str(self.announce_interval), "--ad-ttl", str(self.ad_ttl)]
 
 
 class Fleet:
@@ -212,21 +84,25 @@ class Fleet:
     def __init__(self, root: Path, gossip: GossipConfig) -> None:
         self.root = root
         self.gossip = gossip
-        self.all: list[AgentProc] = []
+        self.all: list[AgentProcess] = []
 
-    def new(self, name: str, bootstrap: Sequence[str]) -> AgentProc:
-        agent = AgentProc(name, self.root, self.gossip, bootstrap)
+    def new(self, name: str, bootstrap: Sequence[str]) -> AgentProcess:
+        args = self.gossip.flags()
+        for addr in bootstrap:
+            args += ["--bootstrap", addr]
+        agent = AgentProcess(self.root / name, args, cwd=REPO, die_with_parent=True)
         self.all.append(agent)
         return agent
 
     def stop_all(self) -> None:
-        for a in self.all:  # signal all first so they leave in parallel
-            with contextlib.suppress(OSError):
-                a.send(signal.SIGTERM)
-        for a in self.all:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                a.stop(signalled=True)
+        stop_all(self.all, drain=True)
         self.all.clear()
+
+
+def peer_ids(agent: AgentProcess) -> set[str] | None:
+    """The agent's table, or None while it cannot answer."""
+    peers = agent.request_or_none("peers")
+    return None if peers is None else {p["peer_id"] for p in peers["peers"]}
 
 
 @contextlib.contextmanager
@@ -262,11 +138,11 @@ def start_mesh(
     n: int,
     rng: random.Random,
     ready_timeout: float,
-    prepare: Callable[[int, AgentProc], None] | None = None,
-) -> list[AgentProc]:
+    prepare: Callable[[int, AgentProcess], None] | None = None,
+) -> list[AgentProcess]:
     """Agent 0 alone; agent i bootstraps to agent 0 and one random agent in 1..i-1.
     `prepare(i, agent)` may adjust an agent (interpreter options, env) before it starts."""
-    agents: list[AgentProc] = []
+    agents: list[AgentProcess] = []
     for i in range(n):
         boot = [] if i == 0 else [agents[0].addr]
         if i >= 2:
@@ -274,15 +150,15 @@ def start_mesh(
         a = f.new(f"n{n}-a{i}", boot)
         if prepare is not None:
             prepare(i, a)
-        a.spawn()
-        a.wait_online(ready_timeout)
+        a.launch()
+        a.wait_ready(ready_timeout, interval=0.02)
         agents.append(a)
     return agents
 
 
 # --- watching tables ----------------------------------------------------------------------------
 def watch(
-    agents: Sequence[AgentProc],
+    agents: Sequence[AgentProcess],
     done: Callable[[set[str]], bool],
     timeout: float,
     poll: float,
@@ -302,7 +178,7 @@ def watch(
         for a in agents:
             if a.name in first:
                 continue
-            ids = a.peer_ids()
+            ids = peer_ids(a)
             if ids is not None and done(ids):
                 first[a.name] = time.monotonic()
         sweeps.append(time.monotonic() - t0)
@@ -310,20 +186,20 @@ def watch(
     return first, sweeps
 
 
-def incomplete_tables(agents: Sequence[AgentProc]) -> dict[str, int]:
+def incomplete_tables(agents: Sequence[AgentProcess]) -> dict[str, int]:
     """Agents whose table lacks some other agent -> how many it lacks (N-1: no answer)."""
     everyone = {a.peer_id for a in agents}
     out = {}
     for a in agents:
         others = everyone - {a.peer_id}
-        ids = a.peer_ids()
+        ids = peer_ids(a)
         missing = len(others) if ids is None else len(others - ids)
         if missing:
             out[a.name] = missing
     return out
 
 
-def wait_full_mesh(agents: Sequence[AgentProc], timeout: float, poll: float) -> float:
+def wait_full_mesh(agents: Sequence[AgentProcess], timeout: float, poll: float) -> float:
     """Wait for one sweep in which every table lists every other agent."""
     t0 = time.monotonic()
     while True:
@@ -336,44 +212,48 @@ def wait_full_mesh(agents: Sequence[AgentProc], timeout: float, poll: float) -> 
 
 
 def join(
-    f: Fleet, members: Sequence[AgentProc], name: str, rng: random.Random, args: argparse.Namespace
-) -> tuple[AgentProc, dict[str, Any]]:
+    f: Fleet,
+    members: Sequence[AgentProcess],
+    name: str,
+    rng: random.Random,
+    args: argparse.Namespace,
+) -> tuple[AgentProcess, dict[str, Any]]:
     via = rng.choice(list(members))
     x = f.new(name, [via.addr])
-    x.spawn()
-    x.wait_online(args.ready_timeout)
+    x.launch()
+    x.wait_ready(args.ready_timeout, interval=0.02)  # fine-grained: joins time from it
     first, sweeps = watch(
         members, lambda ids: x.peer_id in ids, args.event_timeout, args.poll, "a join"
     )
     last = max(first.values())
     return x, {
         "bootstrap_via": via.name,
-        "from_online_s": round(last - x.t_online, 3),
-        "from_spawn_s": round(last - x.t_spawn, 3),
-        "per_agent_from_online_s": sorted(round(t - x.t_online, 3) for t in first.values()),
+        "from_online_s": round(last - x.ready_at, 3),
+        "from_spawn_s": round(last - x.started_at, 3),
+        "per_agent_from_online_s": sorted(round(t - x.ready_at, 3) for t in first.values()),
         "sweep_s": round(statistics.median(sweeps), 4),
     }
 
 
 def leave(
-    members: Sequence[AgentProc], x: AgentProc, sig: int, args: argparse.Namespace
+    members: Sequence[AgentProcess], x: AgentProcess, sig: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     predicted: list[float] = []
     if sig == signal.SIGKILL:
         # When each table's entry for x should expire: the ad's age now tells us.
         for a in members:
             t = time.monotonic()
-            peers = a.call("peers")
+            peers = a.request_or_none("peers")
             for p in peers["peers"] if peers else []:
                 if p["peer_id"] == x.peer_id:
                     predicted.append(t - p["age_s"] + args.ad_ttl)
     t_sig = time.monotonic()
-    x.send(sig)
+    x.signal(sig)
     first, sweeps = watch(
         members, lambda ids: x.peer_id not in ids, args.event_timeout, args.poll, "a leave"
     )
     try:
-        code = x.proc.wait(timeout=15) if x.proc else None
+        code = x.wait(timeout=15)
     except subprocess.TimeoutExpired:
         code = None
     out: dict[str, Any] = {
@@ -421,18 +301,18 @@ def wire_bytes_sent(pids: set[int]) -> dict[int, int] | None:
     return sent
 
 
-def gossip_window(agents: Sequence[AgentProc], window: float) -> dict[str, Any]:
+def gossip_window(agents: Sequence[AgentProcess], window: float) -> dict[str, Any]:
     """Counters over `window` s; meanwhile each table is checked once a second."""
 
     def counters() -> tuple[float, dict[str, dict[str, Any]], dict[str, float]]:
         t = time.monotonic()
         status = {}
         for a in agents:
-            s = a.call("status")
+            s = a.request_or_none("status")
             if s is None:
                 raise BenchError(f"{a.name} stopped answering")
             status[a.name] = s
-        return t, status, {a.name: a.cpu_s() for a in agents}
+        return t, status, {a.name: a.cpu_seconds() for a in agents}
 
     pids = {a.pid for a in agents}
     w0 = wire_bytes_sent(pids)
@@ -472,7 +352,7 @@ def gossip_window(agents: Sequence[AgentProc], window: float) -> dict[str, Any]:
 
 
 # --- one mesh size ------------------------------------------------------------------------------
-def count_expiries(agents: Sequence[AgentProc]) -> int:
+def count_expiries(agents: Sequence[AgentProcess]) -> int:
     """'peer expired' lines in the agents' logs (agent.daemon.node logs one per TTL expiry)."""
     total = 0
     for a in agents:
@@ -489,7 +369,7 @@ def bench_size(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str
     result: dict[str, Any] = {"n": n, "load_avg_before": _load(), "joins": [], "kills": []}
     result["terms"] = []
     with fleet(gossip, logs) as f:
-        members: list[AgentProc] = []
+        members: list[AgentProcess] = []
         try:
             t0 = time.monotonic()
             members = start_mesh(f, n, rng, args.ready_timeout)
@@ -508,7 +388,7 @@ def bench_size(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str
             dead = [a.name for a in members if not a.alive()]
             if dead:
                 raise BenchError(f"members died during the run: {dead}")
-        except BenchError as exc:
+        except FAILURES as exc:
             result["error"] = str(exc)
             print(f"  N={n}: FAILED: {exc}", flush=True)
         result["member_exit_codes"] = stop_members(members)
@@ -519,14 +399,11 @@ def bench_size(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str
     return summarize(result)
 
 
-def stop_members(members: Sequence[AgentProc]) -> dict[str, int]:
+def stop_members(members: Sequence[AgentProcess]) -> dict[str, int]:
     """SIGTERM every member at once (as a host shutdown would); exit code -> how many."""
-    for a in members:
-        a.send(signal.SIGTERM)
     codes: dict[str, int] = {}
-    for a in members:
-        code = str(a.stop(timeout=15, signalled=True))
-        codes[code] = codes.get(code, 0) + 1
+    for code in stop_all(members, timeout=15, drain=True):
+        codes[str(code)] = codes.get(str(code), 0) + 1
     return codes
 
 
@@ -536,7 +413,7 @@ def _load() -> list[float]:
 
 def run_events(
     f: Fleet,
-    members: Sequence[AgentProc],
+    members: Sequence[AgentProcess],
     result: dict[str, Any],
     rng: random.Random,
     args: argparse.Namespace,
@@ -583,30 +460,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- report -----------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
+def mesh_machine_info() -> dict[str, Any]:
     return {
-        "cpu_model": model,
-        "logical_cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "libp2p": version("libp2p"),
-        "trio": version("trio"),
-        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        **machine_info(MESH_PACKAGES),
         "note": "all agents, the pollers and this script share these cores",
     }
 
@@ -615,45 +471,51 @@ def _mm(x: dict[str, float] | None) -> str:
     return "-" if x is None else f"{x['median']:.2f}/{x['max']:.2f}"
 
 
+TABLE_HEADERS = (
+    "N",
+    "join s",
+    "kill-gone s",
+    "(TTL-age)",
+    "term-gone s",
+    "gossip B/s in/out",
+    "wire B/s out",
+    "CPU%/agent",
+    "RSS MiB",
+    "tables ok",
+    "flaps",
+    "load",
+)
+
+
 def print_table(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> None:
-    cols = (
-        ("N", 3),
-        ("join s", 10),
-        ("kill-gone s", 12),
-        ("(TTL-age)", 9),
-        ("term-gone s", 12),
-        ("gossip B/s in/out", 17),
-        ("wire B/s out", 12),
-        ("CPU%/agent", 10),
-        ("RSS MiB", 11),
-        ("tables ok", 9),
-        ("flaps", 5),
-        ("load", 5),
-    )
-    print()
-    print(" ".join(name.rjust(w) for name, w in cols))
+    rows, notes = [], []
     for r in results:
         s, g = r["summary"], r.get("gossip", {})
         expected = s["kill_expected_s"]
-        row = (
-            str(r["n"]),
-            _mm(s["join_s"]),
-            _mm(s["kill_gone_s"]),
-            "-" if expected is None else f"{expected['median']:.2f}",
-            _mm(s["term_gone_s"]),
-            f"{g['app_in_Bps_mean']:.0f}/{g['app_out_Bps_mean']:.0f}" if g else "-",
-            f"{g['wire_out_Bps_mean']:.0f}" if "wire_out_Bps_mean" in g else "-",
-            f"{g['cpu_pct_mean']:.1f}" if g else "-",
-            f"{g['rss_mib_median']:.0f}/{g['rss_mib_max']:.0f}" if g else "-",
-            f"{100 * g['tables_complete_fraction']:.0f}%" if g else "-",
-            str(r["unexpected_expiries"]),
-            f"{r['load_avg_after'][0]:.1f}",
+        rows.append(
+            (
+                r["n"],
+                _mm(s["join_s"]),
+                _mm(s["kill_gone_s"]),
+                "-" if expected is None else f"{expected['median']:.2f}",
+                _mm(s["term_gone_s"]),
+                f"{g['app_in_Bps_mean']:.0f}/{g['app_out_Bps_mean']:.0f}" if g else "-",
+                f"{g['wire_out_Bps_mean']:.0f}" if "wire_out_Bps_mean" in g else "-",
+                f"{g['cpu_pct_mean']:.1f}" if g else "-",
+                f"{g['rss_mib_median']:.0f}/{g['rss_mib_max']:.0f}" if g else "-",
+                f"{100 * g['tables_complete_fraction']:.0f}%" if g else "-",
+                r["unexpected_expiries"],
+                f"{r['load_avg_after'][0]:.1f}",
+            )
         )
-        print(" ".join(v.rjust(w) for v, (_, w) in zip(row, cols, strict=True)))
         if "error" in r:
-            print(f"    N={r['n']} failed: {r['error']}")
+            notes.append(f"N={r['n']} failed: {r['error']}")
         if set(r.get("member_exit_codes", {})) - {"0"}:
-            print(f"    N={r['n']} members' exit codes on SIGTERM: {r['member_exit_codes']}")
+            notes.append(f"N={r['n']} members' exit codes on SIGTERM: {r['member_exit_codes']}")
+    print()
+    print(markdown_table(TABLE_HEADERS, rows))
+    for note in notes:
+        print(note)
     print(
         "\njoin/kill-gone/term-gone: median/max s over the repeats; (TTL-age): expected kill-gone;"
         "\nCPU% per agent, RSS median/max, 'tables ok' over the gossip window; flaps: TTL expiries"
@@ -692,7 +554,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    info = machine_info()
+    info = mesh_machine_info()
     rng = random.Random(args.seed)
     results = []
     try:
@@ -710,8 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "1..i-1; joiners bootstrap to one random member; peer exchange dials the rest",
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     failed = [r["n"] for r in results if "error" in r]
     if failed:

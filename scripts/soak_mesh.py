@@ -39,16 +39,20 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench_mesh import (
-    MIB,
+    FAILURES,
     REPO,
-    AgentProc,
     BenchError,
     GossipConfig,
     fleet,
-    machine_info,
+    mesh_machine_info,
+    peer_ids,
     start_mesh,
     wait_full_mesh,
 )
+
+# (importing bench_mesh put the repository on sys.path)
+from agent.testing.agents import MIB, AgentProcess
+from agent.testing.report import write_json
 
 PLATEAU_RATIO = 0.5
 PLATEAU_FLOOR_MIB_H = 1.0
@@ -81,7 +85,7 @@ if _dir:
 """
 
 
-def sample(agents: Sequence[AgentProc], t: float) -> dict[str, Any]:
+def sample(agents: Sequence[AgentProcess], t: float) -> dict[str, Any]:
     everyone = {a.peer_id for a in agents}
     rows = []
     for a in agents:
@@ -89,13 +93,13 @@ def sample(agents: Sequence[AgentProc], t: float) -> dict[str, Any]:
         if row["alive"]:
             try:
                 row["rss_mib"] = round(a.rss_mib(), 2)
-                row["cpu_s"] = round(a.cpu_s(), 2)
-                row["fds"] = a.ps.num_fds() if a.ps else None
+                row["cpu_s"] = round(a.cpu_seconds(), 2)
+                row["fds"] = a.ps.num_fds()
             except Exception as exc:  # the process vanished between the checks
                 row["alive"] = False
                 row["error"] = str(exc)
-        status = a.call("status") if row["alive"] else None
-        ids = a.peer_ids() if row["alive"] else None
+        status = a.request_or_none("status") if row["alive"] else None
+        ids = peer_ids(a) if row["alive"] else None
         row["answered"] = status is not None and ids is not None
         if status is not None:
             for key in ("gossip_bytes_in", "gossip_bytes_out", "known_peers", "connected_peers"):
@@ -229,7 +233,7 @@ class Tracer:
         self.started_at: float | None = None
         self.snaps: list[tuple[float, Path]] = []
 
-    def prepare(self, i: int, agent: AgentProc) -> None:
+    def prepare(self, i: int, agent: AgentProcess) -> None:
         if i != 0:
             return
         self.hook_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +247,7 @@ class Tracer:
             "SHARDMESH_SOAK_TRACE_DEPTH": str(self.depth),
         }
 
-    def step(self, agent: AgentProc, t: float) -> None:
+    def step(self, agent: AgentProcess, t: float) -> None:
         """Start tracing on the first call, take a snapshot on every later one."""
         if self.started_at is None:
             self._ask(agent, self.dir / "started")
@@ -255,8 +259,8 @@ class Tracer:
         self.snaps.append((t, path))
         print(f"t={t:7.0f} s  tracemalloc snapshot {path}", flush=True)
 
-    def _ask(self, agent: AgentProc, path: Path, timeout: float = 120.0) -> None:
-        agent.send(signal.SIGUSR1)
+    def _ask(self, agent: AgentProcess, path: Path, timeout: float = 120.0) -> None:
+        agent.signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout
         while not path.exists():
             if time.monotonic() > deadline:
@@ -425,18 +429,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as out:
         cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        write_line(out, {"kind": "config", "machine": machine_info(), "config": cfg})
+        write_line(out, {"kind": "config", "machine": mesh_machine_info(), "config": cfg})
         try:
             summary = run(args, out)
-        except BenchError as exc:
+        except FAILURES as exc:
             print(f"soak_mesh: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("soak_mesh: interrupted; every agent was stopped", file=sys.stderr)
             return 130
         write_line(out, summary)
-    args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.summary, summary)
     print_summary(summary)
     print(f"wrote {args.out} and {args.summary}")
     return 0

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-from agent.api import control
 from agent.cli import render
-from agent.errors import ShardmeshError
+from agent.testing.agents import AgentProcess, stop_all, wait_for
 
 PROMPT = "the mesh turns idle machines into one"
 READY_TIMEOUT_S = 120.0
@@ -38,20 +32,15 @@ def _say(msg: str, quiet: bool) -> None:
         sys.stderr.flush()
 
 
-def _wait(pred: Any, timeout: float, what: str, procs: list[subprocess.Popen[bytes]]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise ShardmeshError(f"an agent exited early (code {p.returncode}) while {what}")
-        try:
-            value = pred()
-        except ShardmeshError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise ShardmeshError(f"timed out after {timeout:g} s {what}")
+def _agent(
+    work: Path, i: int, model_dir: Path, span: tuple[int, int], boot: str | None
+) -> AgentProcess:
+    args = ["--announce-interval", "1", "--ad-ttl", "5", "--model", str(model_dir)]
+    args += ["--blocks", f"{span[0]}:{span[1]}", "--threads", "1", "--log-level", "warning"]
+    if boot:
+        args += ["--bootstrap", boot]
+    # Its log: work/agent<i>.log, next to its state dir.
+    return AgentProcess(work / f"agent{i}", args)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -66,56 +55,23 @@ def run_demo(args: argparse.Namespace) -> int:
 
     info = read_model_info(model_dir)
     spans = even_spans(info.n_blocks, args.agents)
-    procs: list[subprocess.Popen[bytes]] = []
-    socks: list[Path] = []
+    agents: list[AgentProcess] = []
     try:
-        first_addr: str | None = None
-        for i, (start, end) in enumerate(spans):
-            state = work / f"agent{i}"
-            state.mkdir(exist_ok=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "up",
-                "--state-dir",
-                str(state),
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--no-mdns",
-                "--announce-interval",
-                "1",
-                "--ad-ttl",
-                "5",
-                "--model",
-                str(model_dir),
-                "--blocks",
-                f"{start}:{end}",
-                "--threads",
-                "1",
-                "--log-level",
-                "warning",
-            ]
-            if first_addr:
-                cmd += ["--bootstrap", first_addr]
-            log = open(work / f"agent{i}.log", "wb")  # noqa: SIM115 - owned by the child
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-            log.close()
-            socks.append(state / "control.sock")
-            _say(f"started agent {i} (pid {procs[-1].pid}) serving blocks {start}:{end}", quiet)
-            if first_addr is None:
-                status = _wait(
-                    lambda: _online(socks[0]), READY_TIMEOUT_S, "waiting for agent 0", procs
-                )
-                first_addr = status["addrs"][0]
-        _wait(lambda: all(_online(s) for s in socks), READY_TIMEOUT_S, "waiting for agents", procs)
-        _wait(lambda: _covered(socks[0], info.model_id), 30, "waiting for full coverage", procs)
+        for i, span in enumerate(spans):
+            agent = _agent(work, i, model_dir, span, agents[0].addr if agents else None)
+            agents.append(agent)
+            agent.launch()
+            _say(f"started agent {i} (pid {agent.pid}) serving blocks {span[0]}:{span[1]}", quiet)
+            if i == 0:  # the others bootstrap to it, so they need its address
+                agent.wait_ready(READY_TIMEOUT_S)
+        for agent in agents[1:]:
+            agent.wait_ready(READY_TIMEOUT_S)
+        wait_for(lambda: _covered(agents, info.model_id), 30, "full coverage", interval=0.2)
         _say(f"generating through the mesh: {PROMPT!r} (random weights: expect nonsense)", quiet)
         result = None
         if not quiet:
             sys.stdout.write(f"\n{PROMPT}")
-        for event in control.stream_request(
-            socks[0],
+        for event in agents[0].stream_request(
             "generate",
             timeout=120,
             model=info.name,
@@ -128,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> int:
             elif event.get("event") == "result":
                 result = event["result"]
         assert result is not None
-        peers = control.request(socks[0], "peers")
+        peers = agents[0].request("peers", timeout=10.0)
         if quiet:
             sys.stdout.write(json.dumps({"generation": result, "peers": peers}, indent=2) + "\n")
         else:
@@ -147,22 +103,12 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     finally:
         _say("stopping agents", quiet)
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop_all(agents, drain=True)
 
 
-def _online(sock: Path) -> dict[str, Any] | None:
-    s = control.request(sock, "status", timeout=2.0)
-    return s if s.get("state") == "online" else None
-
-
-def _covered(sock: Path, model_id: str) -> bool:
-    peers = control.request(sock, "peers", timeout=2.0)
-    return any(c["model"] == model_id and c["complete"] for c in peers["coverage"])
+def _covered(agents: list[AgentProcess], model_id: str) -> bool:
+    """Whether agent 0 sees the whole model served; raises at once if an agent has died."""
+    for agent in agents:
+        agent.check_running()
+    peers = agents[0].request_or_none("peers", timeout=2.0)
+    return bool(peers) and any(c["model"] == model_id and c["complete"] for c in peers["coverage"])
