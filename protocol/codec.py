@@ -25,7 +25,8 @@ _MISSING: Any = object()
 
 def pack(obj: Any) -> bytes:
     """msgpack-encode `obj` (str as str, bytes as bin)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
@@ -189,11 +190,12 @@ def as_float(
         value = float(value)
     elif type(value) is not float:
         _fail(field, "float", value)
-    too_low = value <= min if min_exclusive else value < min
-    if not math.isfinite(value) or too_low or value > max:
+    number: float = value
+    too_low = number <= min if min_exclusive else number < min
+    if not math.isfinite(number) or too_low or number > max:
         lo = "(" if min_exclusive else "["
-        _fail(field, f"finite float in {lo}{min}, {max}]", value)
-    return value
+        _fail(field, f"finite float in {lo}{min}, {max}]", number)
+    return number
 
 
 def as_bytes(value: Any, field: str, *, max_len: int, min_len: int = 0) -> bytes:

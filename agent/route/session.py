@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import trio
@@ -17,9 +17,6 @@ from agent.route.health import PeerHealth
 from agent.route.hops import HopError, LocalHop, RemoteHop
 from agent.route.view import ClientConfig, GenerationError, MeshView
 
-if TYPE_CHECKING:
-    from agent.route.verify import Verifier
-
 log = logging.getLogger("shardmesh.client")
 
 
@@ -27,6 +24,22 @@ log = logging.getLogger("shardmesh.client")
 class HopState:
     hop: RemoteHop | LocalHop
     inputs: list[torch.Tensor] = field(default_factory=list)  # replayed on failover
+
+
+class StepCheck(Protocol):
+    """Hooks a step checker (agent.route.verify.Verifier) gets around each step's hops."""
+
+    def begin_step(self) -> None: ...
+
+    async def run_hop(
+        self, session: RouteSession, state: HopState, h: torch.Tensor, position: int
+    ) -> torch.Tensor: ...
+
+    async def end_step(self, session: RouteSession) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def result_fields(self) -> dict[str, Any]: ...
 
 
 # --- one inference session across a route ----------------------------------------------------
@@ -53,7 +66,7 @@ class RouteSession:
         self.failovers = 0
         self.failures: list[str] = []
         self.avoid: set[str] = set()  # peers outvoted by verification: never again here
-        self.verifier: Verifier | None = None
+        self.verifier: StepCheck | None = None
 
     def route(self) -> list[dict[str, Any]]:
         return [{"peer_id": s.hop.peer_id, "span": [s.hop.start, s.hop.end]} for s in self.hops]

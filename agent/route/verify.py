@@ -30,7 +30,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import trio
@@ -38,11 +38,8 @@ import trio
 from agent.policy.routing import NoRoute, find_route
 from agent.route.chunks import in_chunks
 from agent.route.hops import HopError, LocalHop, RemoteHop
-from agent.route.session import HopState
+from agent.route.session import HopState, RouteSession
 from agent.route.view import ClientConfig, GenerationError
-
-if TYPE_CHECKING:
-    from agent.route.session import RouteSession
 
 log = logging.getLogger("shardmesh.verify")
 

@@ -8,13 +8,15 @@ that keeps ignoring its rate limit loses the stream. Everyone else notices nothi
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
+from agent.config import LimitsConfig
 from agent.net.framed import FramedStream, StreamGone
-from agent.policy.peerlimits import LimitExceeded
+from agent.policy.peerlimits import LimitExceeded, PeerLimits
 from agent.serve.admission import RequestRejected
+from agent.serve.sessions import Session
 from protocol import (
     CloseSession,
     ErrorReply,
@@ -23,20 +25,33 @@ from protocol import (
     ProtocolError,
     SessionOpened,
     Step,
+    StepResult,
 )
-
-if TYPE_CHECKING:
-    from agent.serve.serving import Serving, Session
 
 log = logging.getLogger("shardmesh.serving")
 
 WRITE_TIMEOUT_S = 30.0
 
 
-class StreamHandler:
-    """Answers `/shardmesh/forward/...` streams for one `Serving`."""
+class SessionServer(Protocol):
+    """The serving part as the stream handler uses it (agent.serve.serving.Serving)."""
 
-    def __init__(self, serving: Serving) -> None:
+    limits: LimitsConfig
+    peer_limits: PeerLimits
+
+    def open_session(self, peer: str, msg: OpenSession) -> Session: ...
+
+    def close_session(self, session: Session) -> None: ...
+
+    async def run_step(self, session: Session | None, msg: Step) -> StepResult: ...
+
+    def kv_free_tokens(self) -> int: ...
+
+
+class StreamHandler:
+    """Answers `/shardmesh/forward/...` streams for one serving part."""
+
+    def __init__(self, serving: SessionServer) -> None:
         self.serving = serving
         self.limits = serving.limits
         self.errors_sent: dict[str, int] = {}

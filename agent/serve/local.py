@@ -4,7 +4,8 @@ a remote peer's stream, with no stream (route.hops.LocalHop talks to this)."""
 from __future__ import annotations
 
 from agent.serve.admission import RequestRejected
-from agent.serve.serving import LOCAL_PEER, Serving, Session
+from agent.serve.serving import Serving
+from agent.serve.sessions import LOCAL_PEER, Session
 from protocol import ErrorReply, OpenSession, SessionOpened, Step, StepResult
 
 

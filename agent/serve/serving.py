@@ -11,18 +11,14 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from agent.config import ServeConfig
 from agent.errors import ShardmeshError
-from agent.hw.devices import DeviceReport
 from agent.model.modelinfo import ModelError, ModelInfo, read_model_info
 from agent.policy.peerlimits import LimitExceeded, PeerLimits
-from agent.policy.snapshot import PeerSpan
 from agent.serve import memory
 from agent.serve.admission import (
     RequestRejected,
@@ -32,52 +28,18 @@ from agent.serve.admission import (
     check_step,
 )
 from agent.serve.handler import WRITE_TIMEOUT_S, StreamHandler
+from agent.serve.host import ServingHost
+from agent.serve.placing import auto_place
+from agent.serve.sessions import LOCAL_PEER, Session
 from agent.serve.stats import STEP_SECONDS
 from protocol import FORWARD_PROTOCOL_ID, OpenSession, Step, StepResult
 
 if TYPE_CHECKING:
     import torch
 
-    from agent.model.blocks import SessionCache, ShardModel
+    from agent.model.blocks import ShardModel
 
 log = logging.getLogger("shardmesh.serving")
-
-LOCAL_PEER = "local"  # the agent's own client: its owner, held to the global limits only
-
-
-class ServingHost(Protocol):
-    """What the serving part needs from the agent that runs it."""
-
-    @property
-    def peer_id(self) -> str: ...
-
-    def spans_for(self, model_id: str) -> list[PeerSpan]: ...
-
-    def devices(self) -> DeviceReport | None: ...
-
-    def set_stream_handler(
-        self, protocol_id: str, handler: Callable[[Any], Awaitable[None]]
-    ) -> None: ...
-
-    async def publish_ad(self, state: str | None = None) -> None: ...
-
-
-@dataclass(eq=False)
-class Session:
-    id: str
-    peer: str
-    start: int
-    end: int
-    max_length: int
-    batch: int
-    dtype: str
-    cache: SessionCache
-    reserved_bytes: int
-    opened: float
-    steps: int = 0
-    stream: Any = None  # the libp2p stream it lives on (None for the agent's own client)
-    handler: trio.CancelScope | None = None  # cancels that stream's handler
-
 
 class Serving:
     """The serving part of one agent; created before the mesh starts, started inside it."""
@@ -162,12 +124,11 @@ class Serving:
     async def load(self, host: ServingHost) -> None:
         """Choose the span (again, with auto placement: the mesh may have changed while we
         were away), load its blocks, measure them and size the KV budget."""
-        from agent.serve.placing import auto_place
-
         device = memory.pick_device(self.cfg.device, host.devices())
         span = self.cfg.block_range()
         if span is None:
-            span = await auto_place(self, host, device)
+            self.activity = "choosing blocks"
+            span = await auto_place(host, self.cfg, self.info, device, self._announce_choice)
         self.choose_span(span)
         self.activity = f"loading blocks {span[0]}:{span[1]}"
         log.info("loading blocks %d:%d of %s on %s", *span, self.info.name, device)
@@ -221,6 +182,10 @@ class Serving:
                 await trio.sleep(0.05)
         for session in list(self.sessions.values()):
             self.close_session(session)
+
+    async def _announce_choice(self, host: ServingHost, span: tuple[int, int]) -> None:
+        self.choose_span(span)
+        await host.publish_ad("joining")
 
     def _load(self, device: str) -> ShardModel:
         from agent.model.blocks import ShardModel
