@@ -114,6 +114,16 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """What the libp2p host reads: where it listens, mDNS, who may join, connection caps."""
+
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    mdns: bool = False
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """What the serving part reads: its top-level keys (model, blocks, ...) and [limits]."""
 
@@ -168,6 +178,10 @@ class AgentConfig:
     def block_range(self) -> tuple[int, int] | None:
         """The explicit `START:END` span, or None for `auto`."""
         return parse_blocks(self.blocks)
+
+    @property
+    def mesh(self) -> MeshConfig:
+        return MeshConfig(listen=self.listen, mdns=self.mdns, swarm=self.swarm, limits=self.limits)
 
     @property
     def serve(self) -> ServeConfig:

@@ -15,7 +15,7 @@ import pytest
 import trio
 from agentproc import Agent, cli, free_port, start_many, stop_all, wait_for
 
-from agent.config import AgentConfig, SwarmConfig
+from agent.config import MeshConfig, SwarmConfig
 from agent.net.identity import load_or_create_identity
 from agent.net.mesh import Mesh, open_mesh
 
@@ -32,14 +32,11 @@ def _secret_file(path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
-def _cfg(tmp: Path, secret: str | None, **swarm: object) -> AgentConfig:
+def _cfg(tmp: Path, secret: str | None, **swarm: object) -> MeshConfig:
     secret_file = None
     if secret is not None:
         secret_file = _secret_file(tmp / f"secret-{abs(hash(secret))}", secret)
-    return AgentConfig(
-        state_dir=tmp,
-        listen=("/ip4/127.0.0.1/tcp/0",),
-        mdns=False,
+    return MeshConfig(
         swarm=SwarmConfig(secret_file=secret_file, auth_timeout=AUTH_TIMEOUT, **swarm),  # type: ignore[arg-type]
     )
 
@@ -233,6 +230,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory):
         stop_all(list(agents.values()))
 
 
+@pytest.mark.procs
 def test_members_see_each_other_and_nobody_else(swarm: dict[str, Agent]) -> None:
     p1, p2, x, o = swarm["p1"], swarm["p2"], swarm["x"], swarm["o"]
     wait_for(lambda: p1.peer_ids() == {p2.peer_id}, 20, "p1 to list p2")
@@ -255,11 +253,13 @@ def test_members_see_each_other_and_nobody_else(swarm: dict[str, Agent]) -> None
     assert "/shardmesh/swarm-auth/1.0.0" in s1["protocols"]
 
 
+@pytest.mark.procs
 def test_the_secret_never_shows(swarm: dict[str, Agent]) -> None:
     wait_for(lambda: _refused(swarm["p1"]).get("bad_proof", 0) >= 1, 20, "a refusal to log")
     _assert_secret_never_shown(list(swarm.values()), SECRET, OTHER)
 
 
+@pytest.mark.procs
 def test_allow_and_deny_lists(tmp_path: Path) -> None:
     """An open swarm with allow = [friend], deny = [foe]: only the friend is listed."""
     names = ("friend", "foe", "stranger")
@@ -354,6 +354,7 @@ def test_load_secret_strips_the_newline(tmp_path: Path) -> None:
         load_secret(tmp_path)
 
 
+@pytest.mark.procs
 def test_world_readable_secret_file_stops_the_agent_with_one_line(tmp_path: Path) -> None:
     path = _secret_file(tmp_path / "swarm.key", SECRET, 0o644)
     args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--swarm-secret-file", str(path)]
@@ -373,6 +374,7 @@ per_peer_requests_per_s = 30.0
 """
 
 
+@pytest.mark.procs
 async def test_private_model_swarm_generates_exactly_while_a_member_floods(
     tmp_path: Path,
 ) -> None:

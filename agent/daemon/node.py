@@ -456,7 +456,7 @@ async def _run_mesh(
     leaving: trio.Event,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_mesh(cfg, key_pair) as mesh:
+        async with open_mesh(cfg.mesh, key_pair) as mesh:
             node = Node(cfg, mesh, signing_key)
             if cfg.mdns:
                 from libp2p.discovery.events.peerDiscovery import peerDiscovery

@@ -31,7 +31,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from agent.config import AgentConfig
+from agent.config import MeshConfig
 from agent.multiaddrs import split_peer_addr
 from agent.net.swarm import SwarmGate
 from protocol import AdRejected, AdValidator, CapacityAd
@@ -255,7 +255,7 @@ def _expand_wildcard(addr: str) -> list[str]:
 
 
 @asynccontextmanager
-async def open_mesh(cfg: AgentConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
+async def open_mesh(cfg: MeshConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
     """Start the host listening on cfg.listen and join the capacity topic."""
     _install_signed_record_cache()
     host = make_host(key_pair, mdns=cfg.mdns)

@@ -49,21 +49,15 @@ async def open_standalone(
 ) -> AsyncIterator[StandaloneView]:
     """Join the mesh through `bootstrap` with a throwaway identity and listen to its ads
     (a private swarm's members admit it only with the swarm's secret)."""
-    import tempfile
-
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from agent.config import AgentConfig, SwarmConfig
+    from agent.config import MeshConfig, SwarmConfig
     from agent.net.mesh import open_mesh
 
     if not bootstrap:
         raise GenerationError("a standalone client needs at least one --bootstrap address")
-    cfg = AgentConfig(
-        state_dir=Path(tempfile.gettempdir()),
-        listen=("/ip4/127.0.0.1/tcp/0",),
-        mdns=False,
-        swarm=SwarmConfig(secret_file=swarm_secret_file),
-    )
+    # Loopback listen, no mDNS: a client dials out and is reached only on its connections.
+    cfg = MeshConfig(swarm=SwarmConfig(secret_file=swarm_secret_file))
     async with open_mesh(cfg, create_new_key_pair()) as mesh, trio.open_nursery() as nursery:
         view = StandaloneView(mesh)
         nursery.start_soon(mesh.receive_ads, view.on_ad)
