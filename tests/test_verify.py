@@ -31,16 +31,9 @@ from agent.route.health import PeerHealth
 from agent.route.hops import HopError
 from agent.route.session import RouteSession
 from agent.route.standalone import open_standalone
-from agent.route.verify import (
-    DEFAULT_TOLERANCE,
-    StepSampler,
-    Verifier,
-    agrees,
-    majority,
-    relative_error,
-    tail_tokens,
-)
+from agent.route.verify import DEFAULT_TOLERANCE, Verifier
 from agent.route.view import ClientConfig, GenerationError
+from agent.route.vote import StepSampler, agrees, majority, relative_error, tail_tokens
 
 HIDDEN = 8
 
@@ -418,6 +411,7 @@ async def generate(m: Mesh, rtt: dict[str, float], fraction: float) -> Any:
         )
 
 
+@pytest.mark.procs
 async def test_corruption_is_real_without_verification(mesh: Mesh, reference: list[int]) -> None:
     result = await generate(mesh, {"X": 0.1, "A": 500, "B": 2000, "C": 2000}, 0.0)
     assert [r["peer_id"] for r in result.route] == [mesh.id("X")]
@@ -425,6 +419,7 @@ async def test_corruption_is_real_without_verification(mesh: Mesh, reference: li
     assert result.suspect_peers == [] and result.verified_steps == 0
 
 
+@pytest.mark.procs
 async def test_lying_primary_agent_is_caught_and_tokens_stay_exact(
     mesh: Mesh, reference: list[int]
 ) -> None:
@@ -437,6 +432,7 @@ async def test_lying_primary_agent_is_caught_and_tokens_stay_exact(
     assert "outvoted" in result.suspect_peers[0]["reason"]
 
 
+@pytest.mark.procs
 async def test_lying_witness_agent_is_caught(mesh: Mesh, reference: list[int]) -> None:
     result = await generate(mesh, {"A": 0.1, "X": 200, "B": 2000, "C": 2000}, 1.0)
     assert result.token_ids == reference
@@ -445,6 +441,7 @@ async def test_lying_witness_agent_is_caught(mesh: Mesh, reference: list[int]) -
     assert result.failovers == 0 and result.verified_steps == len(reference)
 
 
+@pytest.mark.procs
 def test_generate_cli_verify_names_the_liar(mesh: Mesh, reference: list[int]) -> None:
     out = cli(
         "generate",
