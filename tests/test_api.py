@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.model.tiny import ensure_tiny_model
 
+pytestmark = pytest.mark.procs
+
 KEY = "sk-shardmesh-test-0123456789"
 MODEL = "tiny-llama"
 UNCOVERED = "tiny-llama-l6-h64-s9"  # a local checkpoint nobody serves
@@ -292,6 +294,20 @@ def test_public_bind_without_keys_is_refused(tmp_path: Path) -> None:
     assert len(lines) == 1 and "needs bearer keys" in lines[0]
 
 
-def test_agent_with_api_stops_cleanly(mesh: Mesh) -> None:
-    """Last in the module: SIGTERM with the API running exits 0."""
-    assert mesh.api.stop() == 0
+def test_agent_with_api_stops_cleanly(tmp_path: Path) -> None:
+    """SIGTERM with the API running, a client's connection still open, exits 0. An agent of
+    its own (API only, no model: it starts in about two seconds), so the module's mesh stays
+    up for the other tests whatever their order."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY}\n")
+    os.chmod(keys, 0o600)
+    port = free_port()
+    agent = Agent(tmp_path / "solo", ["--api", f"127.0.0.1:{port}", "--api-key-file", str(keys)])
+    try:
+        agent.start()
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            assert http.get("/v1/models").status_code == 200  # kept alive through the SIGTERM
+            assert agent.stop() == 0, agent.log()
+    finally:
+        agent.kill()

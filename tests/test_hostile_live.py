@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 import trio
-from adsamples import bare_ad
 from agentproc import Agent, cli, stop_all, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from factories import bare_ad, libp2p_identity
 
 from protocol import (
     CAPACITY_TOPIC,
@@ -43,6 +43,8 @@ from protocol import (
     encode_signed_ad,
     pack,
 )
+
+pytestmark = pytest.mark.procs
 
 SPANS = [(0, 3), (3, 6)]
 N_HOSTILE = 4  # peers attacking at once
@@ -274,7 +276,7 @@ async def read_replies(stream: Any, tally: Tally) -> None:
 
 
 def hostile_ads(rng: random.Random, me: str, key: Ed25519PrivateKey, n: int) -> list[bytes]:
-    good = encode_signed_ad(bare_ad(me, 1), key)
+    good = encode_signed_ad(bare_ad(me, seq=1), key)
     out: list[bytes] = []
     for i in range(n):
         kind = i % 6
@@ -295,24 +297,20 @@ def hostile_ads(rng: random.Random, me: str, key: Ed25519PrivateKey, n: int) -> 
             out.append(b"\x81\xa2ad\xc6" + struct.pack(">I", 20000) + b"\x00" * 20000)
         else:  # correctly signed by us, but expired or from the future
             ts = time.time() + rng.choice([-3600.0, 3600.0])
-            out.append(encode_signed_ad(bare_ad(me, 2 + i, timestamp=ts), key))
+            out.append(encode_signed_ad(bare_ad(me, seq=2 + i, timestamp=ts), key))
     return out
 
 
 async def hostile_peer(
     index: int, targets: list[Target], addrs: list[list[str]], root: Path, tally: Tally
 ) -> None:
-    from libp2p.crypto.ed25519 import create_new_key_pair
-
     from agent.config import AgentConfig
-    from agent.net.identity import private_seed
     from agent.net.mesh import open_mesh
 
     rng = random.Random(1000 + index)
-    key_pair = create_new_key_pair()
-    key = Ed25519PrivateKey.from_private_bytes(private_seed(key_pair))
+    key_pair, key = libp2p_identity()
     cfg = AgentConfig(state_dir=root, listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
-    async with open_mesh(cfg, key_pair) as mesh:
+    async with open_mesh(cfg.mesh, key_pair) as mesh:
         for a in addrs:
             await mesh.dial(a)
         with trio.move_on_after(10):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from agentproc import Agent, stop_all, wait_for
 
+pytestmark = pytest.mark.procs
+
 N_AGENTS = 5
 TTL_S = 3.0  # agentproc.FAST_GOSSIP
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from adsamples import bare_ad
 from agentproc import Agent, stop_all, wait_for
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from factories import bare_ad, envelope
 
 from agent.config import AgentConfig
-from agent.net.identity import private_seed
 from agent.net.mesh import open_mesh
-from protocol import CapacityAd, encode_signed_ad, pack, unpack_map
+from protocol import encode_signed_ad, pack, unpack_map
+
+pytestmark = pytest.mark.procs
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +36,13 @@ async def _in_thread(fn, *args):
 
 
 async def test_bad_ads_are_rejected_counted_and_tables_stay_right(
-    pair: list[Agent], tmp_path: Path
+    pair: list[Agent], tmp_path: Path, identity, fresh_key
 ) -> None:
-    from libp2p.crypto.ed25519 import create_new_key_pair
-
     a, b = pair
-    key_pair = create_new_key_pair()
-    key = Ed25519PrivateKey.from_private_bytes(private_seed(key_pair))
+    key_pair, key = identity
     cfg = AgentConfig(state_dir=tmp_path, listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
     before = (await _in_thread(a.status))["rejected_ads"]
-    async with open_mesh(cfg, key_pair) as mesh:
+    async with open_mesh(cfg.mesh, key_pair) as mesh:
         me = mesh.peer_id
         await mesh.dial(a.addrs)
         with trio.fail_after(15):
@@ -53,27 +50,27 @@ async def test_bad_ads_are_rejected_counted_and_tables_stay_right(
                 await trio.sleep(0.1)
             await trio.sleep(1.5)  # a heartbeat or so to graft into the mesh
         seq = int(time.time() * 1000)
-        other_key = Ed25519PrivateKey.generate()
-        good = encode_signed_ad(bare_ad(me, seq), key)
-        envelope = unpack_map(good, max_size=1 << 16)
-        sig = bytearray(envelope["sig"])
+        good = encode_signed_ad(bare_ad(me, seq=seq), key)
+        env = unpack_map(good, max_size=1 << 16)
+        sig = bytearray(env["sig"])
         sig[0] ^= 0x01
-        tampered = pack({**envelope, "sig": bytes(sig)})
+        tampered = pack({**env, "sig": bytes(sig)})
         hostile = {
             "malformed": [b"\x00garbage", pack({"ad": b"x", "key": b"k", "sig": b"s"})],
             "oversized": [b"\x81" + b"A" * 40_000],
             # Someone else's peer id under our key, and a byte flipped in a signed ad.
-            "bad_signature": [
-                _forge(bare_ad(b.peer_id, seq + 1), key),
-                tampered,
-            ],
+            "bad_signature": [envelope(bare_ad(b.peer_id, seq=seq + 1), key), tampered],
             # Correctly self-signed, but by a key that is not the gossip message's sender.
-            "wrong_sender": [encode_signed_ad(bare_ad(_peer_id(other_key), seq), other_key)],
+            "wrong_sender": [encode_signed_ad(bare_ad(fresh_key, seq=seq), fresh_key)],
             "expired": [
-                encode_signed_ad(bare_ad(me, seq + 2, timestamp=time.time() - 100, ttl=10.0), key)
+                encode_signed_ad(
+                    bare_ad(me, seq=seq + 2, timestamp=time.time() - 100, ttl=10.0), key
+                )
             ],
-            "future": [encode_signed_ad(bare_ad(me, seq + 3, timestamp=time.time() + 3600), key)],
-            "version": [encode_signed_ad(bare_ad(me, seq + 4, version="2.0.0"), key)],
+            "future": [
+                encode_signed_ad(bare_ad(me, seq=seq + 3, timestamp=time.time() + 3600), key)
+            ],
+            "version": [encode_signed_ad(bare_ad(me, seq=seq + 4, version="2.0.0"), key)],
         }
         await mesh.publish(good)
         for items in hostile.values():
@@ -81,7 +78,7 @@ async def test_bad_ads_are_rejected_counted_and_tables_stay_right(
                 await mesh.publish(data)
         await mesh.publish(good)  # the same signed ad again: a replay (same seq)
         await trio.sleep(0.2)
-        old = encode_signed_ad(bare_ad(me, seq - 5), key)
+        old = encode_signed_ad(bare_ad(me, seq=seq - 5), key)
         await mesh.publish(old)  # an older sequence number than one already accepted
 
         def rejected_enough() -> bool:
@@ -106,18 +103,3 @@ async def test_bad_ads_are_rejected_counted_and_tables_stay_right(
     # Both agents still serve their control API and see each other.
     assert b.peer_id in await _in_thread(a.peer_ids)
     assert a.peer_id in await _in_thread(b.peer_ids)
-
-
-def _forge(ad: CapacityAd, key: Ed25519PrivateKey) -> bytes:
-    """A correctly signed envelope whose ad claims a peer id that is not the key's."""
-    from protocol.ads import AD_SIGNING_PREFIX, _ad_to_map
-    from protocol.ads import public_key_raw as raw
-
-    body = pack(_ad_to_map(ad))
-    return pack({"ad": body, "key": raw(key), "sig": key.sign(AD_SIGNING_PREFIX + body)})
-
-
-def _peer_id(key: Ed25519PrivateKey) -> str:
-    from protocol import peer_id_from_ed25519, public_key_raw
-
-    return peer_id_from_ed25519(public_key_raw(key))

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+from factories import ad
+
 from agent.policy.peertable import PeerTable
-from protocol import CapacityAd
 
-
-def _ad(peer: str, state: str = "online", ttl: float = 10.0) -> CapacityAd:
-    return CapacityAd(
-        version="1.0.0",
-        peer_id=peer,
-        addrs=(),
-        devices=(),
-        model="m@1",
-        model_name="m",
-        n_blocks=4,
-        span=(0, 2),
-        throughput=1.0,
-        kv_free_tokens=5,
-        sessions=0,
-        state=state,
-        seq=1,
-        timestamp=0.0,
-        ttl=ttl,
-    )
+# Ads that live 10 s; the ad's own timestamp plays no part (expiry runs on our clock).
+_ad = partial(ad, ttl=10.0)
 
 
 def test_join_expire_leave() -> None:
@@ -51,12 +37,12 @@ def test_connected_peer_gets_one_more_ttl() -> None:
 
 def test_spans_and_models_snapshot() -> None:
     t = PeerTable("me")
-    t.update(_ad("a"), now=0.0)
+    t.update(_ad("a"), now=0.0)  # factories.ad: blocks 2:6 of the 8-block tiny-llama@ab12cd34
     t.update(_ad("b", state="draining"), now=0.0)
-    spans = t.spans_for("m@1")
+    spans = t.spans_for("tiny-llama@ab12cd34")
     assert {(s.peer_id, s.state, s.start, s.end) for s in spans} == {
-        ("a", "online", 0, 2),
-        ("b", "draining", 0, 2),
+        ("a", "online", 2, 6),
+        ("b", "draining", 2, 6),
     }
     assert t.spans_for("other") == []
-    assert t.models() == {"m@1": ("m", 4)}
+    assert t.models() == {"tiny-llama@ab12cd34": ("tiny-llama", 8)}

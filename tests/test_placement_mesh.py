@@ -9,6 +9,8 @@ from agentproc import Agent, free_port, start_many, stop_all, wait_for
 
 from agent.model.tiny import ensure_tiny_model
 
+pytestmark = pytest.mark.procs
+
 N_BLOCKS = 8
 
 

@@ -418,20 +418,62 @@ def test_frame_decoder_on_mixed_stream(segments: list, cuts: list[int]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(min_size=1, max_size=64), max_size=12))
+@given(
+    st.lists(
+        st.binary(min_size=1, max_size=64)
+        | st.integers(0, 300).map(lambda n: struct.pack(">I", n))  # a plausible prefix
+        | st.sampled_from(MESSAGES).map(encode_frame),
+        max_size=12,
+    )
+)
 def test_arbitrary_chunks_frame_decoder(chunks: list[bytes]) -> None:
-    dec = FrameDecoder(max_frame=256)
-    for chunk in chunks:
+    # Any bytes, cut anywhere: the decoder yields what reading the whole stream frame by frame
+    # yields (each message, a DecodeError per bad body, then FrameTooLarge for good at the first
+    # prefix over the limit), and keeps exactly the unfinished tail buffered.
+    max_frame = 256
+    stream = b"".join(chunks)
+    want: list[object] = []
+    pos = 0
+    while len(stream) - pos >= 4:
+        (n,) = struct.unpack_from(">I", stream, pos)
+        if n > max_frame:
+            want.append(FrameTooLarge)
+            break
+        if len(stream) - pos - 4 < n:
+            break
+        body = stream[pos + 4 : pos + 4 + n]
+        pos += 4 + n
         try:
-            dec.feed(chunk)
-        except FrameTooLarge:
-            return
+            want.append(decode_message(body, max_frame=max_frame))
+        except DecodeError:
+            want.append(DecodeError)
+    dec = FrameDecoder(max_frame=max_frame)
+    got: list[object] = []
+
+    def drain() -> None:
         while True:
             try:
                 msg = dec.next_message()
-            except FrameTooLarge:
-                return
             except DecodeError:
+                got.append(DecodeError)
                 continue
             if msg is None:
-                break
+                return
+            got.append(msg)
+
+    try:
+        for chunk in chunks:
+            dec.feed(chunk)
+            drain()
+    except FrameTooLarge:
+        got.append(FrameTooLarge)
+    assert got == want
+    if want[-1:] == [FrameTooLarge]:
+        # Framing is lost: nothing stays buffered and the decoder stays failed.
+        assert dec.buffered == 0
+        with pytest.raises(FrameTooLarge):
+            dec.feed(b"\x00")
+        with pytest.raises(FrameTooLarge):
+            dec.next_message()
+    else:
+        assert dec.buffered == len(stream) - pos

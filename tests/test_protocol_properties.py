@@ -11,7 +11,6 @@ ids.parse_version (ValueError by contract; callers wrap it).
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import time
 import tracemalloc
@@ -22,13 +21,13 @@ from typing import Any
 
 import msgpack
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from factories import KEY, NOW, PEER, envelope
+from factories import ad as make_ad  # `ad` names the ads under test here
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.ads import (
     AD_REJECT_REASONS,
-    AD_SIGNING_PREFIX,
     AD_STATES,
     MAX_AD_SIZE,
     AdValidator,
@@ -37,8 +36,6 @@ from protocol.ads import (
     _ad_to_map,
     decode_signed_ad,
     encode_signed_ad,
-    peer_id_from_ed25519,
-    public_key_raw,
 )
 from protocol.codec import MAX_DEPTH, MAX_ITEMS, pack, unpack_map
 from protocol.errors import AdRejected, DecodeError, FrameTooLarge, ProtocolError
@@ -68,10 +65,6 @@ PROPS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 MAX_FRAME = 1 << 16
-
-KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-PEER = peer_id_from_ed25519(public_key_raw(KEY))
-NOW = 1_700_000_000.0
 
 # --- strategies: valid messages -----------------------------------------------------------------
 
@@ -121,27 +114,6 @@ messages: st.SearchStrategy[Message] = st.one_of(
 )
 
 
-def make_ad(**changes: Any) -> CapacityAd:
-    ad = CapacityAd(
-        version="1.0.0",
-        peer_id=PEER,
-        addrs=("/ip4/127.0.0.1/tcp/4001",),
-        devices=(DeviceSummary("cpu", "x86_64", 1 << 34, 1 << 33, None),),
-        model="tiny@ab12",
-        model_name="tiny",
-        n_blocks=8,
-        span=(2, 6),
-        throughput=100.0,
-        kv_free_tokens=4096,
-        sessions=0,
-        state="online",
-        seq=1,
-        timestamp=NOW,
-        ttl=60.0,
-    )
-    return dataclasses.replace(ad, **changes)
-
-
 ads: st.SearchStrategy[CapacityAd] = st.builds(
     lambda seq, ts, ttl, state, n, util: make_ad(
         seq=seq,
@@ -157,12 +129,6 @@ ads: st.SearchStrategy[CapacityAd] = st.builds(
     st.integers(0, 3),
     st.none() | st.floats(0.0, 100.0),
 )
-
-
-def sign_raw(ad_bytes: bytes, key: Ed25519PrivateKey = KEY) -> bytes:
-    """An envelope around arbitrary ad bytes with a valid signature: reaches the ad parser."""
-    sig = key.sign(AD_SIGNING_PREFIX + ad_bytes)
-    return pack({"ad": ad_bytes, "key": public_key_raw(key), "sig": sig})
 
 
 # --- strategies: hostile structure --------------------------------------------------------------
@@ -485,14 +451,14 @@ def signed_wrong_ads(draw: st.DrawFn) -> bytes:
     """Validly signed envelopes whose ad body is hostile: only the ad parser stands in the way."""
     choice = draw(st.integers(0, 3))
     if choice == 0:
-        return sign_raw(pack(_edit_map(draw, _ad_to_map(draw(ads)))))
+        return envelope(_edit_map(draw, _ad_to_map(draw(ads))))
     if choice == 1:
         m = _ad_to_map(draw(ads))
         m["devices"] = [_edit_map(draw, d) for d in m["devices"]] or [draw(values)]
-        return sign_raw(pack(m))
+        return envelope(m)
     if choice == 2:
-        return sign_raw(draw(bombs()))
-    return sign_raw(draw(mutated(ads.map(lambda ad: pack(_ad_to_map(ad))))))
+        return envelope(draw(bombs()))
+    return envelope(draw(mutated(ads.map(lambda ad: pack(_ad_to_map(ad))))))
 
 
 hostile_envelopes = st.one_of(
@@ -546,7 +512,7 @@ def test_validator_any_sequence(inputs: list[tuple[bytes, str | None, float]], c
 
 
 def test_ad_larger_than_limit_rejected_before_parsing() -> None:
-    data = sign_raw(_header("array", 2**32 - 1) + b"\x90" * (MAX_AD_SIZE + 10))
+    data = envelope(_header("array", 2**32 - 1) + b"\x90" * (MAX_AD_SIZE + 10))
     with peak_memory() as peak, pytest.raises(FrameTooLarge):
         decode_signed_ad(data)
     assert peak[0] < 64_000

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from functools import partial
 from itertools import pairwise, product
 
 import pytest
+from factories import peer_span
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,18 +22,8 @@ from agent.policy.routing import (
 )
 from agent.policy.snapshot import PeerSpan
 
-
-def peer(
-    peer_id: str,
-    start: int,
-    end: int,
-    *,
-    throughput: float = 1000.0,
-    state: str = "online",
-    sessions: int = 0,
-    kv_free_tokens: int = 4096,
-) -> PeerSpan:
-    return PeerSpan(peer_id, start, end, throughput, state, sessions, kv_free_tokens)
+# Peers here have measured their throughput unless a test says otherwise.
+peer = partial(peer_span, throughput=1000.0)
 
 
 def route_of(hops: list[Hop]) -> list[tuple[str, int, int]]:

@@ -192,9 +192,45 @@ async def _open_raw(hop: RemoteHop, msg: OpenSession) -> None:
     assert isinstance(reply, SessionOpened)
 
 
-def test_agent_survives_and_reports(served) -> None:
-    agent, _ = served
-    s = agent.status()
+async def test_agent_survives_and_reports(served) -> None:
+    """Abused here on streams of its own (whatever ran before, or did not), the agent answers
+    each abuse, frees the dropped session, still computes exactly, and logs no traceback."""
+    agent, model_dir = served
+    status = await trio.to_thread.run_sync(agent.status)
+    before, model_id = status["forward_errors"], status["model"]
+    local = ShardModel.load(model_dir, *SPAN, dtype="float32", device="cpu")
+
+    async with open_standalone([agent.addrs[0]]) as view:
+
+        def new_hop() -> RemoteHop:
+            return RemoteHop(view, Hop(agent.peer_id, *SPAN), ClientConfig(), PeerHealth())
+
+        abused = new_hop()
+        await abused.open(model_id, 40, 1)
+        assert abused.framed is not None
+        await abused.framed.stream.write(b"\x00\x00\x00\x07garbage")  # not a message at all
+        with trio.fail_after(10):
+            reply = await abused.framed.receive()
+        assert isinstance(reply, ErrorReply) and reply.code == "malformed", reply
+        huge = Step(step=0, position=0, hidden=to_frame(torch.zeros(1, 300, HIDDEN)))
+        await _expect_error(abused, huge, "too_large")  # 76,800 B > 64 KiB
+        await abused.framed.stream.reset()  # gone mid-session, without a CloseSession
+        # Still serving, and exactly.
+        fresh = new_hop()
+        await fresh.open(model_id, 40, 1)
+        x = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(1))
+        got = await fresh.step(x, 0)
+        assert (got - local.forward(local.new_cache(), x, 0)).abs().max().item() < 1e-5
+        await fresh.close()
+
+    def settled() -> dict | None:
+        s = agent.status()
+        return s if s["sessions"] == 0 else None
+
+    s = await trio.to_thread.run_sync(wait_for, settled, 10, "the dropped session to be freed")
     assert s["state"] == "online" and s["span"] == list(SPAN)
     assert "/shardmesh/forward/1.0.0" in s["protocols"]
+    errors = s["forward_errors"]
+    for code in ("malformed", "too_large"):  # this test's own abuse reached the agent
+        assert errors.get(code, 0) > before.get(code, 0), (code, before, errors)
     assert Path(agent.log_path).exists() and "Traceback" not in agent.log()
