@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import multiaddr
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -45,7 +46,7 @@ from protocol.ids import PROTOCOL_MAJOR, PROTOCOL_VERSION, parse_version
 MAX_AD_SIZE = 16 * 1024
 MAX_TTL = 3600.0
 MAX_ADDRS = 32
-MAX_ADDR_LEN = 256
+MAX_ADDR_LEN = 320  # room for a DNS name and the /p2p/ id every address ends in
 MAX_DEVICES = 64
 MAX_NAME_LEN = 256
 MAX_PEER_ID_LEN = 128
@@ -220,6 +221,23 @@ def _decode_device(obj: Any) -> DeviceSummary:
     )
 
 
+def _decode_addr(obj: Any, peer_id: str) -> str:
+    """A listen address: a multiaddr that ends in the ad's own /p2p/ id.
+
+    Checked here, where the ad is decoded, so nothing that uses an ad (peer exchange, a
+    route's dial) ever meets a string that is not an address, or one that names another
+    peer: an ad cannot send us to dial somebody else's id."""
+    text = as_str(obj, "addrs", min_len=1, max_len=MAX_ADDR_LEN)
+    head, sep, tail = text.rpartition("/p2p/")
+    if not sep or tail != peer_id or not head:
+        raise DecodeError(f"field 'addrs': {text[:80]!r} does not end in /p2p/<the ad's peer id>")
+    try:
+        multiaddr.Multiaddr(text)
+    except Exception as e:  # the multiaddr package raises several unrelated types
+        raise DecodeError(f"field 'addrs': not a multiaddr: {text[:80]!r} ({e})") from None
+    return text
+
+
 def _ad_from_map(m: dict[str, Any]) -> CapacityAd:
     # Version first: a different major may have changed every other field.
     version = get_str(m, "version", max_len=32)
@@ -248,10 +266,11 @@ def _ad_from_map(m: dict[str, Any]) -> CapacityAd:
     addrs = get_list(m, "addrs", max_len=MAX_ADDRS)
     devices = get_list(m, "devices", max_len=MAX_DEVICES)
     reason = m.get("reason", "")
+    peer_id = get_str(m, "peer_id", min_len=1, max_len=MAX_PEER_ID_LEN)
     return CapacityAd(
         version=version,
-        peer_id=get_str(m, "peer_id", min_len=1, max_len=MAX_PEER_ID_LEN),
-        addrs=tuple(as_str(a, "addrs", min_len=1, max_len=MAX_ADDR_LEN) for a in addrs),
+        peer_id=peer_id,
+        addrs=tuple(_decode_addr(a, peer_id) for a in addrs),
         devices=tuple(_decode_device(d) for d in devices),
         model=model,
         model_name=get_opt_str(m, "model_name", max_len=MAX_NAME_LEN),

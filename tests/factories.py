@@ -44,15 +44,22 @@ PEER = peer_id(KEY)
 OTHER_PEER = peer_id(OTHER_KEY)
 
 
+def addrs_of(pid: str, *hosts: str, port: int = 4001) -> tuple[str, ...]:
+    """Listen addresses of `pid` as ads carry them: each ends in the peer's own /p2p/ id."""
+    hosts = hosts or ("/ip4/127.0.0.1", "/ip6/::1")
+    return tuple(f"{h}/tcp/{port}/p2p/{pid}" for h in hosts)
+
+
 def ad(who: str | Ed25519PrivateKey = KEY, /, **changes: Any) -> CapacityAd:
     """A valid ad (encode_signed_ad accepts it) from `who`: a peer id, or the key whose peer id
     it carries. It serves blocks 2:6 of the 8-block "tiny-llama@ab12cd34" with one GPU and a
     CPU, is online at seq 7, stamped NOW for 60 s, with a reason; `changes` replace fields.
     """
+    pid = changes.get("peer_id") or (who if isinstance(who, str) else peer_id(who))
     base = CapacityAd(
         version=PROTOCOL_VERSION,
-        peer_id=who if isinstance(who, str) else peer_id(who),
-        addrs=("/ip4/127.0.0.1/tcp/4001", "/ip6/::1/tcp/4001"),
+        peer_id=pid,
+        addrs=addrs_of(pid),
         devices=(
             DeviceSummary("gpu", "NVIDIA H100 80GB HBM3", 85_899_345_920, 80_000_000_000, 12.0),
             DeviceSummary("cpu", "x86_64", 25_769_803_776, 20_000_000_000, None),

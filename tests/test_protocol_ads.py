@@ -6,7 +6,18 @@ import math
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from factories import KEY, NOW, OTHER_KEY, OTHER_PEER, PEER, envelope, key, peer_id, signed_ad
+from factories import (
+    KEY,
+    NOW,
+    OTHER_KEY,
+    OTHER_PEER,
+    PEER,
+    addrs_of,
+    envelope,
+    key,
+    peer_id,
+    signed_ad,
+)
 from factories import ad as make_ad  # `ad` names the ads under test here
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -110,10 +121,10 @@ def test_encode_refuses_foreign_peer_id() -> None:
         {"devices": (DeviceSummary("gpu", "g", 10, 11, None),)},
         {"ttl": 0.0},
         {"state": "asleep"},
-        {"addrs": ("/ip4/10.0.0.1/tcp/4001",) * 33},
+        {"addrs": addrs_of(PEER, "/ip4/10.0.0.1") * 33},
         {"version": "1.0"},
         {
-            "addrs": tuple("/dns/" + "a" * 250 for _ in range(32)),
+            "addrs": tuple(f"/dns/{'a' * 250}/p2p/{PEER}" for _ in range(32)),
             "devices": (DeviceSummary("cpu", "c" * 256, 1, 1, None),) * 64,
         },
     ],
@@ -244,9 +255,16 @@ BAD_FIELDS = {
     "ttl over max": _bad_map(ttl=3601.0),
     "ttl missing": _bad_map(ttl=...),
     "infinite timestamp": _bad_map(timestamp=math.inf),
-    "too many addrs": _bad_map(addrs=[f"/ip4/10.0.0.{i}/tcp/1" for i in range(33)]),
-    "addr too long": _bad_map(addrs=["/dns/" + "a" * 300]),
+    "too many addrs": _bad_map(addrs=[f"/ip4/10.0.0.{i}/tcp/1/p2p/{PEER}" for i in range(33)]),
+    "addr too long": _bad_map(addrs=[f"/dns/{'a' * 300}/p2p/{PEER}"]),
     "addr not str": _bad_map(addrs=[b"/ip4/1.2.3.4"]),
+    # Each address must be a multiaddr of this very peer: an ad cannot point dials elsewhere.
+    "addr not a multiaddr": _bad_map(addrs=[f"garbage/p2p/{PEER}"]),
+    "addr bare garbage": _bad_map(addrs=["garbage"]),
+    "addr without peer id": _bad_map(addrs=["/ip4/10.0.0.1/tcp/4001"]),
+    "addr of another peer": _bad_map(addrs=[f"/ip4/10.0.0.1/tcp/4001/p2p/{OTHER_PEER}"]),
+    "addr peer id not last": _bad_map(addrs=[f"/ip4/10.0.0.1/tcp/4001/p2p/{PEER}/p2p-circuit"]),
+    "addr bad ip": _bad_map(addrs=[f"/ip4/999.0.0.1/tcp/4001/p2p/{PEER}"]),
     "too many devices": _bad_map(
         devices=[
             {"kind": "cpu", "name": "c", "memory_total": 1, "memory_free": 1, "utilization": None}

@@ -574,7 +574,7 @@ def test_nesting_limit_enforced_before_msgpack() -> None:
 
 def test_item_limit_admits_the_largest_valid_ad() -> None:
     devices = tuple(DeviceSummary("gpu", "g" * 40, 1 << 40, 1 << 39, 50.0) for _ in range(64))
-    addrs = tuple(f"/ip4/10.0.0.{i}/tcp/4001" for i in range(32))
+    addrs = tuple(f"/ip4/10.0.0.{i}/tcp/4001/p2p/{PEER}" for i in range(32))
     ad = make_ad(devices=devices, addrs=addrs)
     assert decode_signed_ad(encode_signed_ad(ad, KEY)) == ad
     m = {"t": "close", "x": list(range(MAX_ITEMS - 5))}  # exactly MAX_ITEMS objects
