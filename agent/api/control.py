@@ -60,12 +60,19 @@ def stream_request(
         reader = sock.makefile("rb")
         while True:
             try:
-                line = reader.readline(MAX_REQUEST_BYTES)
+                # No cap on a reply line: it comes from our own agent over an owner-only
+                # socket, and a mesh's peer table may well exceed any fixed size.
+                line = reader.readline()
             except TimeoutError:
                 raise ControlError(f"the agent did not answer within {timeout:g} s") from None
             if not line:
                 raise ControlError("the agent closed the connection without an answer")
-            event = json.loads(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                raise ControlError("the agent sent a reply that is not JSON") from None
+            if not isinstance(event, dict):
+                raise ControlError("the agent sent a reply that is not a JSON object")
             if event.get("event") == "error":
                 raise ControlError(str(event.get("error", "unknown error")))
             yield event
