@@ -1,5 +1,5 @@
-"""Generation requests (from the control socket or a standalone CLI): resolve the model,
-load the client-side parts and tokenizer once, run `client.generate_ids`, stream text."""
+"""Generation requests (from the control socket, the HTTP API or a standalone CLI): load the
+client-side parts and tokenizer once, run `agent.route.generate.generate_ids`, stream text."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from typing import Any
 
 import trio
 
+from agent.config import ClientConfig
 from agent.model.modelinfo import ModelError, read_model_info
 from agent.model.sampling import SamplingParams
 from agent.route.generate import generate_ids
 from agent.route.health import PeerHealth
-from agent.route.view import ClientConfig, GenerationError, MeshView
+from agent.route.view import GenerationError, MeshView
 
 log = logging.getLogger("shardmesh.generate")
 
@@ -30,8 +31,10 @@ class GenerateRequest:
     max_new_tokens: int
     sampling: SamplingParams
     model_dir: Path | None
-    verify: float = 0.0  # share of steps verified on independent peers (agent.verify)
-    verify_tolerance: float | None = None  # None: ClientConfig's default
+    # Share of steps verified on independent peers (agent.route.verify); 0: the client
+    # config's share ([client] verify, off by default).
+    verify: float = 0.0
+    verify_tolerance: float | None = None  # None: the client config's
 
     @classmethod
     def from_json(cls, req: dict[str, Any]) -> GenerateRequest:
@@ -115,7 +118,8 @@ class ClientParts:
 
 
 def _load_parts(model_dir: Path, model_id: str) -> tuple[Any, Any]:
-    from agent.model.head import ClientHead
+    """In a worker thread, under the lock every model load holds (agent.model.preload)."""
+    from agent.model.preload import LOAD_LOCK, import_model_code
 
     try:
         info = read_model_info(model_dir)
@@ -123,14 +127,18 @@ def _load_parts(model_dir: Path, model_id: str) -> tuple[Any, Any]:
         raise GenerationError(str(exc)) from None
     if info.model_id != model_id:
         raise GenerationError(f"the checkpoint at {model_dir} is {info.model_id}, not {model_id}")
-    head = ClientHead.load(model_dir, dtype="float32", device="cpu")
-    tokenizer = None
-    try:
-        from transformers import AutoTokenizer
+    with LOAD_LOCK:
+        import_model_code(info.model_type)
+        from agent.model.head import ClientHead
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:  # no tokenizer files: ids in, ids out
-        log.info("no tokenizer in %s (%s); text output disabled", model_dir, type(exc).__name__)
+        head = ClientHead.load(model_dir, dtype="float32", device="cpu")
+        tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as exc:  # no tokenizer files: ids in, ids out
+            log.info("no tokenizer in %s (%s); text output disabled", model_dir, type(exc).__name__)
     return head, tokenizer
 
 
@@ -168,6 +176,9 @@ async def run_generation(
     health: PeerHealth | None = None,
     cfg: ClientConfig | None = None,
 ) -> dict[str, Any]:
+    """Run `req` and return its result as JSON. `cfg` is the client's [client] table (the
+    defaults when None); the request's `verify` (when above 0) and `verify_tolerance`
+    replace the table's."""
     head, tokenizer = await parts.get(model_dir, model_id)
     if req.prompt is not None:
         if tokenizer is None:
@@ -184,17 +195,18 @@ async def run_generation(
         return bool(await emit({"token_id": token, "text": delta}))
 
     eos = end_token_ids(model_dir, head.config)
+    cfg = cfg or ClientConfig()
     if req.verify > 0:
-        cfg = replace(cfg or ClientConfig(), verify_fraction=req.verify)
-        if req.verify_tolerance is not None:
-            cfg = replace(cfg, verify_tolerance=req.verify_tolerance)
+        cfg = replace(cfg, verify_fraction=req.verify)
+    if req.verify_tolerance is not None:
+        cfg = replace(cfg, verify_tolerance=req.verify_tolerance)
     result = await generate_ids(
         view,
         head,
         prompt_ids,
         max_new_tokens=req.max_new_tokens,
         sampling=req.sampling,
-        eos_token_id=eos,
+        eos_token_id=sorted(eos),
         on_token=on_token,
         cfg=cfg,
         health=health,

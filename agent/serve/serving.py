@@ -109,6 +109,8 @@ class Serving:
         return self.info.n_blocks
 
     def set_accepting(self, accepting: bool) -> None:
+        """Admission: whether new sessions are taken. Called only by the agent's lifecycle
+        (agent.daemon.lifecycle), the one owner of the agent's state."""
         self.draining = not accepting
 
     async def start(self, host: ServingHost, nursery: trio.Nursery) -> None:
@@ -188,15 +190,21 @@ class Serving:
         await host.publish_ad("joining")
 
     def _load(self, device: str) -> ShardModel:
-        from agent.model.blocks import ShardModel
+        """In a worker thread: import model code and build the span's blocks under the one
+        lock every model load holds (transformers' lazy imports are not thread-safe)."""
+        from agent.model.preload import LOAD_LOCK, import_model_code
 
         assert self.cfg.model is not None
-        try:
-            return ShardModel.load(
-                self.cfg.model, self.span[0], self.span[1], dtype=self.cfg.dtype, device=device
-            )
-        except ModelError as exc:
-            raise ShardmeshError(str(exc)) from None
+        with LOAD_LOCK:
+            import_model_code(self.info.model_type)
+            from agent.model.blocks import ShardModel
+
+            try:
+                return ShardModel.load(
+                    self.cfg.model, self.span[0], self.span[1], dtype=self.cfg.dtype, device=device
+                )
+            except ModelError as exc:
+                raise ShardmeshError(str(exc)) from None
 
     # --- accounting -----------------------------------------------------------------------
     def _kv_bytes(self, start: int, end: int, tokens: int) -> int:
