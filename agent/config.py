@@ -7,6 +7,7 @@ that names the key, so the CLI can exit 2 without a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tomllib
@@ -113,6 +114,36 @@ class ApiConfig:
     request_timeout: float = 600.0
 
 
+def _key(name: str | None) -> Any:
+    """Field metadata: the field's key in the file and in overrides (None: not a key)."""
+    return {"key": name}
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The routing client ([client]): deadlines, failover and verified outputs of the
+    generations this agent runs (control socket, HTTP API) and of `shardmesh generate
+    --bootstrap --config FILE`. Seconds fields end in `_s`; their keys do not
+    (`step_timeout`), as everywhere else in the file; `verify` is the `--verify` fraction."""
+
+    step_timeout_s: float = field(default=30.0, metadata=_key("step_timeout"))
+    open_timeout_s: float = field(default=10.0, metadata=_key("open_timeout"))
+    max_failovers: int = 6
+    failed_peer_cooldown_s: float = field(default=60.0, metadata=_key("failed_peer_cooldown"))
+    # How long to wait for a replacement to appear in the peer table.
+    reroute_wait_s: float = field(default=10.0, metadata=_key("reroute_wait"))
+    wire_dtype: str = "float32"
+    max_chunk_bytes: int = 16 * 1024 * 1024  # prefill/replay chunks stay well under frames
+    # Verified outputs (agent.route.verify): the share of steps each hop also runs on a
+    # witness (0 = off, 1 = every step), the per-row relative error still counted as
+    # agreement (absorbs bf16/fp16 vs fp32 peers), and the seed of the step draw (None: from
+    # the OS, so a peer cannot know which steps are checked; only code sets it, to reproduce
+    # a run: a seed in a config file would tell which steps are checked).
+    verify_fraction: float = field(default=0.0, metadata=_key("verify"))
+    verify_tolerance: float = 0.05
+    verify_seed: int | None = field(default=None, metadata=_key(None))
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """What the libp2p host reads: where it listens, mDNS, who may join, connection caps."""
@@ -142,6 +173,24 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class AnnounceConfig:
+    """What the announcer reads: the ad period and TTL (both stretched as the mesh grows)."""
+
+    announce_interval: float = 5.0
+    ad_ttl: float = 20.0
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How the agent finds peers: bootstrap addresses (retried, waited for), mDNS."""
+
+    bootstrap: tuple[str, ...] = ()
+    bootstrap_retry_max: float = 30.0
+    bootstrap_wait: float = 30.0
+    mdns: bool = True
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = field(default_factory=default_state_dir)
     listen: tuple[str, ...] = (f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}",)
@@ -166,6 +215,7 @@ class AgentConfig:
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     idle: IdleConfig = field(default_factory=IdleConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
 
     @property
     def control_socket(self) -> Path:
@@ -196,6 +246,19 @@ class AgentConfig:
             limits=self.limits,
         )
 
+    @property
+    def announce(self) -> AnnounceConfig:
+        return AnnounceConfig(announce_interval=self.announce_interval, ad_ttl=self.ad_ttl)
+
+    @property
+    def discovery(self) -> DiscoveryConfig:
+        return DiscoveryConfig(
+            bootstrap=self.bootstrap,
+            bootstrap_retry_max=self.bootstrap_retry_max,
+            bootstrap_wait=self.bootstrap_wait,
+            mdns=self.mdns,
+        )
+
 
 def parse_blocks(text: str) -> tuple[int, int] | None:
     if text == "auto":
@@ -221,6 +284,7 @@ SECTIONS: dict[str, type] = {
     "swarm": SwarmConfig,
     "idle": IdleConfig,
     "api": ApiConfig,
+    "client": ClientConfig,
 }
 
 
@@ -261,14 +325,26 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     raise ConfigError(f"{name}: unsupported value {value!r}")
 
 
+def section_keys(cls: type) -> dict[str, str]:
+    """A section's keys (in the file and in overrides) -> its field names; a field's key is
+    its name unless its metadata names another (or None: not a key)."""
+    keys: dict[str, str] = {}
+    for f in fields(cls):
+        key = f.metadata.get("key", f.name)
+        if key is not None:
+            keys[key] = f.name
+    return keys
+
+
 def _merge_section(cls: type, base: Any, values: dict[str, Any], prefix: str = "") -> Any:
-    known = {f.name: f for f in fields(cls)}
+    known = section_keys(cls)
     changes: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         if key not in known or key in SECTIONS:
             raise ConfigError(f"unknown config key '{prefix}{raw_key}'")
-        changes[key] = _coerce(prefix + key, value, getattr(base, key))
+        name = known[key]
+        changes[name] = _coerce(prefix + key, value, getattr(base, name))
     return replace(base, **changes)
 
 
@@ -367,6 +443,7 @@ def validate(cfg: AgentConfig) -> None:
     _validate_swarm(cfg.swarm)
     _validate_idle(cfg.idle)
     _validate_api(cfg.api)
+    validate_client(cfg.client)
     from agent.multiaddrs import check_multiaddr
 
     for key in ("listen", "bootstrap"):
@@ -409,6 +486,25 @@ def _validate_api(api: ApiConfig) -> None:
         raise ConfigError("api.max_concurrent: must be at least 1")
     if api.request_timeout <= 0:
         raise ConfigError("api.request_timeout: must be positive")
+
+
+def validate_client(client: ClientConfig) -> None:
+    """ConfigError naming the [client] key whose value cannot work."""
+    names = section_keys(ClientConfig)
+    for key in ("step_timeout", "open_timeout", "verify_tolerance"):
+        if not 0 < getattr(client, names[key]) < math.inf:
+            raise ConfigError(f"client.{key}: must be positive")
+    for key in ("max_failovers", "failed_peer_cooldown", "reroute_wait"):
+        if not 0 <= getattr(client, names[key]) < math.inf:
+            raise ConfigError(f"client.{key}: must not be negative")
+    if client.wire_dtype not in DTYPES:
+        raise ConfigError(
+            f"client.wire_dtype: expected one of {', '.join(DTYPES)}, got {client.wire_dtype!r}"
+        )
+    if client.max_chunk_bytes < 1:
+        raise ConfigError("client.max_chunk_bytes: must be at least 1")
+    if not 0 <= client.verify_fraction <= 1:
+        raise ConfigError("client.verify: a share of steps, 0..1 (0: not verified)")
 
 
 API_DEFAULT_HOST = "127.0.0.1"

@@ -11,9 +11,5 @@ class UsageError(ShardmeshError):
     """A bad flag, config key or value (exit 2)."""
 
 
-def usage_errors() -> tuple[type[BaseException], ...]:
-    return (UsageError,)
-
-
 def expected_errors() -> tuple[type[BaseException], ...]:
     return (ShardmeshError,)

@@ -21,6 +21,7 @@ def _one_line_error(out, code: int) -> str:
     return lines[0]
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -40,6 +41,7 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], needle: str, tmp_pat
     assert needle in line
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize(
     "text, needle",
     [
@@ -58,6 +60,7 @@ def test_bad_config_file_exits_2(text: str, needle: str, tmp_path: Path) -> None
     assert needle in line
 
 
+@pytest.mark.procs
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     line = _one_line_error(cli("up", "--config", str(tmp_path / "nope.toml")), 2)
     assert "not found" in line
@@ -79,6 +82,7 @@ def test_config_precedence_defaults_file_flags(tmp_path: Path) -> None:
         load_config(None, {"ad_ttl": 1.0, "announce_interval": 5.0})
 
 
+@pytest.mark.procs
 def test_status_without_daemon_exits_1(tmp_path: Path) -> None:
     for cmd in ("status", "peers"):
         line = _one_line_error(cli(cmd, "--control", str(tmp_path / "none.sock")), 1)
@@ -89,6 +93,7 @@ def test_status_without_daemon_exits_1(tmp_path: Path) -> None:
     assert "env.sock" in env_line
 
 
+@pytest.mark.procs
 def test_world_readable_identity_key_is_refused(tmp_path: Path) -> None:
     from agent.net.identity import load_or_create_identity
 
@@ -102,6 +107,7 @@ def test_world_readable_identity_key_is_refused(tmp_path: Path) -> None:
     assert "readable by other users" in line
 
 
+@pytest.mark.procs
 def test_status_cli_is_fast_and_light(tmp_path: Path) -> None:
     agent = Agent(tmp_path / "a").start()
     try:
@@ -174,3 +180,18 @@ def test_example_config_loads_and_matches_defaults() -> None:
         "kv_budget_tokens",
     ):
         assert f"# {field} =" in text, field
+
+
+@pytest.mark.procs
+def test_generate_config_is_for_the_standalone_client_and_checked_first(tmp_path: Path) -> None:
+    """`generate --config FILE` reads the file's [client] table for a standalone client
+    (`--bootstrap`); a bad key fails with one line (exit 2) before the mesh is joined."""
+    bad = tmp_path / "client.toml"
+    bad.write_text("[client]\nstep_timeout = 0\n")
+    gen = ["generate", "--model", "m", "--prompt-ids", "1,2", "--config", str(bad)]
+    line = _one_line_error(cli(*gen, "--control", str(tmp_path / "none.sock")), 2)
+    assert "--config: only with --bootstrap" in line
+    standalone = [*gen, "--model-dir", str(tmp_path), "--timeout", "5"]
+    boot = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    line = _one_line_error(cli(*standalone, "--bootstrap", boot), 2)
+    assert "client.step_timeout: must be positive" in line

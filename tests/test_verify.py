@@ -1,4 +1,4 @@
-"""Verified outputs (agent.verify).
+"""Verified outputs (agent.route.verify).
 
 First the pure parts and the verifier's decisions over fake in-process hops (no sockets);
 then real agent processes: honest agents whose spans overlap so every block has two honest

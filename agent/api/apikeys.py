@@ -1,12 +1,13 @@
-"""Bearer keys for the HTTP API: one key a line in a file only its owner can read."""
+"""Bearer keys for the HTTP API: one key a line in a file only its owner can read (or a
+systemd credential), read through agent.net.secrets as every secret file."""
 
 from __future__ import annotations
 
 import hmac
-import stat
 from pathlib import Path
 
 from agent.errors import ShardmeshError
+from agent.net.secrets import read_secret_file
 
 
 class ApiKeyError(ShardmeshError):
@@ -17,20 +18,20 @@ def load_api_keys(path: Path) -> frozenset[str]:
     """The keys in `path`: blank lines and `#` comments are skipped, at least one is needed.
 
     A file that group or others can read is refused, as for the identity key: anyone who
-    read it can use the API, and quietly fixing the mode would hide that.
+    read it can use the API, and quietly fixing the mode would hide that. A systemd
+    credential (`LoadCredential=`, README) is accepted as systemd leaves it.
     """
+    data = read_secret_file(
+        path,
+        "api.key_file:",
+        error=ApiKeyError,
+        chmod_note=" if its keys were never exposed (else replace them)",
+        make="put one bearer key a line in it",
+    )
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ApiKeyError(f"api.key_file: {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ApiKeyError(f"api.key_file: cannot read {path}: {exc}") from None
-    if mode & 0o077:
-        raise ApiKeyError(
-            f"api.key_file: {path} is readable by other users (mode {mode:o}); "
-            f"run 'chmod 600 {path}' if its keys were never exposed"
-        )
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiKeyError(f"api.key_file: {path} is not UTF-8 text") from None
     keys = set()
     for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()

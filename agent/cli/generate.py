@@ -1,5 +1,6 @@
 """`shardmesh generate`: through the local agent's control socket, or as a standalone client
-that joins the mesh itself (`--bootstrap`). Text streams to stdout as tokens arrive."""
+that joins the mesh itself (`--bootstrap`, with `--config FILE`'s [client] table if given).
+Text streams to stdout as tokens arrive."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import ShardmeshError, UsageError
+
+if TYPE_CHECKING:
+    from agent.config import ClientConfig
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -84,11 +88,29 @@ def _finish(result: dict[str, Any], args: argparse.Namespace, text_mode: bool) -
     return 0
 
 
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The standalone client's ClientConfig: defaults < `--config FILE`'s [client] table <
+    flags (`--verify` is `client.verify`, `--verify-tolerance` `client.verify_tolerance`)."""
+    from agent.config import ClientConfig, load_config
+
+    if getattr(args, "config", None) is None:
+        return ClientConfig()
+    overrides = {
+        "client.verify": getattr(args, "verify", None),
+        "client.verify_tolerance": getattr(args, "verify_tolerance", None),
+    }
+    return load_config(args.config, overrides).client
+
+
 def run_generate(args: argparse.Namespace, control_path: Path) -> int:
     req = _request(args)
     text_mode = args.prompt is not None
     if args.bootstrap:
         return _standalone(args, req, text_mode)
+    if getattr(args, "config", None) is not None:
+        raise UsageError(
+            "--config: only with --bootstrap (the local agent uses its own config's [client])"
+        )
     from agent.api import control
 
     result = None
@@ -107,6 +129,7 @@ def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) 
 
     if args.model_dir is None:
         raise UsageError("a standalone client (--bootstrap) needs --model-dir DIR")
+    cfg = client_config(args)  # a bad config file fails before the mesh is joined
 
     async def main() -> dict[str, Any]:
         from agent.route.generation import ClientParts, GenerateRequest, run_generation
@@ -124,7 +147,7 @@ def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) 
                         _print_token(event, text_mode)
 
                 return await run_generation(
-                    view, ClientParts(), request, model_id, Path(args.model_dir), emit
+                    view, ClientParts(), request, model_id, Path(args.model_dir), emit, cfg=cfg
                 )
 
     try:

@@ -17,10 +17,6 @@ from typing import Any, NoReturn
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-class Failure(Exception):
-    """A runtime failure to report as one line with exit 1."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: scripts and journald read it better.
@@ -97,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--swarm-secret-file", type=Path, metavar="FILE", help="with --bootstrap: a private swarm"
+    )
+    gen.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="with --bootstrap: TOML config file whose [client] table the client uses",
     )
     gen.add_argument("--timeout", type=float, default=300.0, help="overall limit in seconds")
     gen.add_argument(
@@ -232,7 +234,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from agent.daemon.logs import stderr_prefix
-    from agent.errors import expected_errors, usage_errors
+    from agent.errors import UsageError, expected_errors
 
     try:
         try:
@@ -240,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             # trio nurseries wrap errors; an expected one inside is still expected.
             raise _first_leaf(group) from None
-    except usage_errors() as exc:
+    except UsageError as exc:
         sys.stderr.write(f"{stderr_prefix()}shardmesh: error: {exc}\n")
         return EXIT_USAGE
     except expected_errors() as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from agent.model.checkpoint import open_checkpoint
 from agent.model.families import (
     Family,
     block_class,
@@ -23,8 +24,8 @@ from agent.model.families import (
     family_for,
     modeling_module,
 )
-from agent.model.loading import check_not_meta, load_config, read_tensors, torch_dtype
-from agent.model.modelinfo import ModelError, ModelInfo, read_model_info, read_weight_index
+from agent.model.loading import check_not_meta
+from agent.model.modelinfo import ModelError, ModelInfo
 
 # The cache keyword of a decoder block, newest first: transformers 5.24+, 4.56-5.23, older.
 _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
@@ -103,16 +104,9 @@ class ShardModel:
         """Read only blocks [start, end) of the checkpoint in `model_dir`."""
         from accelerate import init_empty_weights
 
-        info = read_model_info(model_dir)
-        if not 0 <= start < end <= info.n_blocks:
-            raise ModelError(
-                f"span [{start}, {end}) is not within the {info.n_blocks} blocks of {info.name}"
-            )
-        dtype = torch_dtype(dtype)
-        device = torch.device(device)
-        config = load_config(info.path)
-        family = family_for(info.model_type)
-        index = read_weight_index(info.path)
+        ckpt = open_checkpoint(model_dir, dtype=dtype, device=device, span=(start, end))
+        info, config, family, index = ckpt.info, ckpt.config, ckpt.family, ckpt.index
+        dtype, device = ckpt.dtype, ckpt.device
         block_cls = block_class(config)
         # Parameters on meta, buffers real (rotary inv_freq, gpt2's causal buffer).
         with init_empty_weights(include_buffers=False):
@@ -123,7 +117,7 @@ class ShardModel:
         }
         # One pass over the files, each opened once, however many blocks it holds.
         names = [prefix + k for prefix, wanted in keys.values() for k in wanted]
-        tensors = read_tensors(info.path, index, names, dtype=dtype, device=device)
+        tensors = ckpt.read_tensors(names)
         for i, block in zip(range(start, end), blocks, strict=True):
             prefix, wanted = keys[i]
             block.load_state_dict({k: tensors.pop(prefix + k) for k in wanted}, assign=True)

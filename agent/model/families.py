@@ -29,11 +29,6 @@ class Family:
     lm_head: str = "lm_head"  # top level, never under base
 
     @property
-    def blocks_prefix(self) -> str:
-        """Module path of the block list: "model.layers" / "transformer.h"."""
-        return f"{self.base}.{self.blocks}"
-
-    @property
     def rotary(self) -> bool:
         """Rotary families pass position_embeddings=(cos, sin) to every block; gpt2 nothing."""
         return self.rotary_class is not None

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from agent.model.checkpoint import open_checkpoint
 from agent.model.families import Family, checkpoint_base, family_for, modeling_module
-from agent.model.loading import check_not_meta, load_config, read_tensors, torch_dtype
-from agent.model.modelinfo import ModelError, ModelInfo, read_model_info, read_weight_index
+from agent.model.loading import check_not_meta
+from agent.model.modelinfo import ModelError, ModelInfo
 
 
 class ClientHead:
@@ -53,12 +54,9 @@ class ClientHead:
     ) -> ClientHead:
         from accelerate import init_empty_weights
 
-        info = read_model_info(model_dir)
-        dtype = torch_dtype(dtype)
-        device = torch.device(device)
-        config = load_config(info.path)
-        family = family_for(info.model_type)
-        index = read_weight_index(info.path)
+        ckpt = open_checkpoint(model_dir, dtype=dtype, device=device)
+        info, config, family, index = ckpt.info, ckpt.config, ckpt.family, ckpt.index
+        dtype, device = ckpt.dtype, ckpt.device
         base = checkpoint_base(family, index)
         head_name = f"{family.lm_head}.weight"
         tied = bool(getattr(config, "tie_word_embeddings", False)) or head_name not in index
@@ -71,7 +69,7 @@ class ClientHead:
             names.append(f"{base}{family.positions}.weight")
         if not tied:
             names.append(head_name)
-        tensors = read_tensors(info.path, index, names, dtype=dtype, device=device)
+        tensors = ckpt.read_tensors(names)
 
         norm.load_state_dict({k: tensors[n] for n, k in norm_keys.items()}, assign=True)
         norm.to(device=device, dtype=dtype).requires_grad_(False).eval()

@@ -72,10 +72,9 @@ def check_not_meta(module: torch.nn.Module, what: str) -> None:
 
 def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """A floating torch dtype from a torch dtype or its name ("bfloat16", "torch.float16")."""
-    if isinstance(dtype, torch.dtype):
-        result = dtype
-    else:
+    result: Any = dtype
+    if not isinstance(dtype, torch.dtype):
         result = getattr(torch, str(dtype).removeprefix("torch."), None)
     if result not in (torch.float32, torch.float16, torch.bfloat16):
         raise ModelError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
-    return result
+    return result  # type: ignore[no-any-return]  # one of the three dtypes

@@ -1,16 +1,18 @@
-"""The agent's persistent Ed25519 identity: one key file in the state dir, owner-only."""
+"""The agent's persistent Ed25519 identity: one key file in the state dir, owner-only (read
+through agent.net.secrets, as every secret file; written here)."""
 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
-from libp2p.identity_utils import load_identity, save_identity
+from libp2p.crypto.serialization import deserialize_private_key
+from libp2p.identity_utils import save_identity
 
 from agent.errors import ShardmeshError
+from agent.net.secrets import read_secret_file
 
 
 class IdentityError(ShardmeshError):
@@ -24,16 +26,23 @@ def load_or_create_identity(path: Path) -> KeyPair:
     this peer, and silently fixing the mode would hide that it was exposed.
     """
     if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise IdentityError(
-                f"identity key {path} is readable by other users (mode {mode:o}); "
-                f"run 'chmod 600 {path}' if it was never exposed, or delete it to make a new one"
-            )
+        data = read_secret_file(
+            path,
+            "identity key",
+            error=IdentityError,
+            chmod_note=" if it was never readable by other users, or delete it to make a new one",
+            make="delete it to make a new one",
+        )
         try:
-            return load_identity(path)
-        except (ValueError, OSError) as exc:
-            raise IdentityError(f"identity key {path} is unreadable or corrupt: {exc}") from None
+            private_key = deserialize_private_key(data)
+            public_key = private_key.get_public_key()
+            public_key.serialize()  # as libp2p's load_identity: a key that cannot is corrupt
+            return KeyPair(private_key, public_key)
+        except Exception as exc:  # protobuf and key decoding raise many kinds
+            raise IdentityError(
+                f"identity key {path} is corrupt ({type(exc).__name__}); "
+                "delete it to make a new one"
+            ) from None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_pair = create_new_key_pair()
     # Write to a private temp file then rename, so a crash never leaves a half-written key.

@@ -12,19 +12,19 @@ back off. With no secret and no lists nothing is held: an open swarm stays as it
 Verification is per peer id while the peer stays connected: Noise authenticated that id,
 so a second simultaneous connection under it is the same key holder. When its last
 connection closes the state is dropped and the next connection proves the secret again.
+
+The secret file and the handshake on a stream are in agent.net.swarmauth (`load_secret` and
+`SwarmError` are importable from here too), the per-peer state and pubsub's held notifee in
+agent.net.held.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -33,94 +33,32 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.pubsub_notifee import PubsubNotifee
 
 from agent.config import LimitsConfig, SwarmConfig
-from agent.errors import ShardmeshError
+from agent.net.held import HeldNotifee, PeerState, peer_of
+from agent.net.swarmauth import (
+    SwarmError,
+    load_secret,
+    reply_refused,
+    run_handshake,
+    send_refusal,
+)
 from agent.policy.peerlimits import connection_verdict
-from protocol.errors import DecodeError, ProtocolError
 from protocol.swarm import (
     REFUSE_REASONS,
     SWARM_AUTH_PROTOCOL_ID,
-    AuthDecoder,
-    AuthFailed,
     Handshake,
-    Refused,
-    check_secret,
     derive_key,
-    encode_auth,
     fingerprint,
 )
 
+__all__ = ["SwarmError", "SwarmGate", "load_secret"]
+
 log = logging.getLogger("shardmesh.swarm")
 
-READ_CHUNK = 1024
-SEND_REFUSAL_TIMEOUT_S = 1.0
 # Our own redials of a peer that refused us (or that we refused) wait this long, doubling.
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 2.0, 60.0
 MAX_BACKOFF_ENTRIES = 4096
 
 StreamHandler = Callable[[INetStream], Awaitable[None]]
-
-
-class SwarmError(ShardmeshError):
-    """The swarm secret or lists are unusable; the message is one line for the user."""
-
-
-def load_secret(path: Path) -> bytes:
-    """The secret in `path` (surrounding whitespace stripped). Refuses a file that group or
-    others may read or write: whoever reads it can join the swarm."""
-    make = f"(umask 077; head -c 48 /dev/urandom | base64 > {path})"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise SwarmError(f"swarm secret file {path} does not exist; make one with {make}") from None
-    except OSError as exc:
-        raise SwarmError(f"cannot read swarm secret file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # of the file we read, not of what the path names a moment later
-        if not stat.S_ISREG(st.st_mode):
-            raise SwarmError(f"swarm secret file {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077 and not _in_credentials_dir(path):
-            raise SwarmError(
-                f"swarm secret file {path} is accessible to other users (mode {mode:o}); "
-                f"run 'chmod 600 {path}', and make a new secret if others may have read it"
-            )
-        data = os.read(fd, 64 * 1024).strip()
-    finally:
-        os.close(fd)
-    try:
-        check_secret(data)
-    except DecodeError as exc:
-        raise SwarmError(f"swarm secret file {path}: {exc}; make one with {make}") from None
-    return data
-
-
-def _in_credentials_dir(path: Path) -> bool:
-    """A systemd credential (LoadCredential=): its directory is private to the service, and
-    systemd may grant the service user read access through an ACL, which shows in the group
-    bits of the mode."""
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not creds:
-        return False
-    try:
-        return Path(path).resolve().parent == Path(creds).resolve()
-    except OSError:
-        return False
-
-
-@dataclass
-class _PeerState:
-    """One peer from its first connection to its last: pending, then verified or refused."""
-
-    status: str = "pending"
-    reason: str = ""
-    decided: trio.Event = field(default_factory=trio.Event)
-    initiated: bool = False
-    # Pubsub "connected" notifications held until the peer is verified.
-    held: list[tuple[_HeldNotifee, INetwork, INetConn]] = field(default_factory=list)
-
-
-def _peer_of(conn: Any) -> ID:
-    return conn.muxed_conn.peer_id if hasattr(conn, "muxed_conn") else conn.peer_id
 
 
 def _is_outbound(muxed_conn: Any) -> bool:
@@ -144,7 +82,7 @@ class SwarmGate(INotifee):
         del secret
         self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
         self.dropped_ads = 0
-        self._states: dict[ID, _PeerState] = {}
+        self._states: dict[ID, PeerState] = {}
         self._backoff: dict[str, tuple[int, float]] = {}  # peer -> (failures, until)
         self._nursery: trio.Nursery | None = None
         self._local_id = host.get_id()
@@ -185,7 +123,7 @@ class SwarmGate(INotifee):
         notifees = network.notifees
         for i, notifee in enumerate(notifees):
             if isinstance(notifee, PubsubNotifee):
-                notifees[i] = _HeldNotifee(notifee, self)
+                notifees[i] = HeldNotifee(notifee, self._state_for)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmGate]:
@@ -257,13 +195,13 @@ class SwarmGate(INotifee):
             )
         return None
 
-    def _state_for(self, peer: ID, muxed_conn: Any) -> _PeerState:
+    def _state_for(self, peer: ID, muxed_conn: Any) -> PeerState:
         """The peer's state, made on first sight: lists are checked at once, and the
         handshake starts (we dialled) or its deadline does (it dialled)."""
         state = self._states.get(peer)
         if state is not None:
             return state
-        state = _PeerState()
+        state = PeerState()
         self._states[peer] = state
         verdict = self.list_verdict(peer.to_base58())
         if verdict is not None:
@@ -275,12 +213,12 @@ class SwarmGate(INotifee):
             self._spawn(self._deadline, peer, state)
         return state
 
-    def _maybe_initiate(self, peer: ID, state: _PeerState, muxed_conn: Any) -> None:
+    def _maybe_initiate(self, peer: ID, state: PeerState, muxed_conn: Any) -> None:
         if self._key is not None and not state.initiated and _is_outbound(muxed_conn):
             state.initiated = True
             self._spawn(self._initiate, peer, state)
 
-    def _verify(self, peer: ID, state: _PeerState) -> None:
+    def _verify(self, peer: ID, state: PeerState) -> None:
         if state.status != "pending":
             return
         state.status = "verified"
@@ -293,12 +231,12 @@ class SwarmGate(INotifee):
         state.held.clear()
 
     async def _refuse(
-        self, peer: ID, state: _PeerState, reason: str, detail: str, reply: str | None
+        self, peer: ID, state: PeerState, reason: str, detail: str, reply: str | None
     ) -> None:
         if self._mark_refused(peer, state, reason, detail):
             await self._disconnect(peer, reply)
 
-    def _mark_refused(self, peer: ID, state: _PeerState, reason: str, detail: str) -> bool:
+    def _mark_refused(self, peer: ID, state: PeerState, reason: str, detail: str) -> bool:
         """Decide and count at once (before any await); False if already decided."""
         if self._states.get(peer) is not state or state.status == "refused":
             return False  # the peer already left, or another path refused it first
@@ -319,7 +257,7 @@ class SwarmGate(INotifee):
     async def _disconnect(self, peer: ID, reply: str | None) -> None:
         with trio.CancelScope(shield=True):
             if reply is not None:
-                await self._send_refusal(peer, reply)
+                await send_refusal(self.host, peer, reply)
             with trio.move_on_after(2.0), contextlib.suppress(Exception):
                 await self.host.get_network().close_peer(peer)
 
@@ -329,15 +267,8 @@ class SwarmGate(INotifee):
         with contextlib.suppress(Exception):
             self.host.get_peerstore().clear_addrs(peer)
 
-    async def _send_refusal(self, peer: ID, reason: str) -> None:
-        """Tell the peer why, on a stream of its own (best effort), so it can count it too."""
-        with trio.move_on_after(SEND_REFUSAL_TIMEOUT_S), contextlib.suppress(Exception):
-            stream = await self.host.new_stream(peer, [SWARM_AUTH_PROTOCOL_ID])
-            await stream.write(encode_auth(Refused(reason=reason)))
-            await stream.close()
-
     # --- the handshake ------------------------------------------------------------------
-    async def _deadline(self, peer: ID, state: _PeerState) -> None:
+    async def _deadline(self, peer: ID, state: PeerState) -> None:
         await trio.sleep(self.auth_timeout)
         if state.status == "pending":
             await self._refuse(
@@ -352,7 +283,7 @@ class SwarmGate(INotifee):
             remote_id=peer.to_bytes(),
         )
 
-    async def _initiate(self, peer: ID, state: _PeerState) -> None:
+    async def _initiate(self, peer: ID, state: PeerState) -> None:
         hs = self._handshake(peer, initiator=True)
         try:
             with trio.fail_after(self.auth_timeout):
@@ -381,32 +312,13 @@ class SwarmGate(INotifee):
     async def _drive(
         self,
         peer: ID,
-        state: _PeerState | None,
+        state: PeerState | None,
         stream: INetStream,
         hs: Handshake,
     ) -> None:
-        decoder = AuthDecoder()
-        reason, detail, reply = "no_proof", "", None
-        try:
-            with trio.fail_after(self.auth_timeout):
-                for msg in hs.start():
-                    await stream.write(encode_auth(msg))
-                while not hs.verified:
-                    msg = decoder.next_message()
-                    if msg is None:
-                        decoder.feed(await stream.read(READ_CHUNK))
-                        continue
-                    for out in hs.receive(msg):
-                        await stream.write(encode_auth(out))
-        except AuthFailed as exc:
-            reason, detail, reply = exc.reason, str(exc), exc.reply
-        except ProtocolError as exc:
-            reason, detail, reply = "malformed", str(exc), "malformed"
-        except trio.TooSlowError:
-            detail = "the handshake timed out"
-        except Exception as exc:  # the stream or connection went away
-            detail = f"the handshake stream failed: {type(exc).__name__}"
-        if hs.verified:
+        outcome = await run_handshake(stream, hs, self.auth_timeout)
+        reason, detail, reply = outcome.reason, outcome.detail, outcome.reply
+        if outcome.verified:
             if state is not None:
                 self._verify(peer, state)
             with trio.move_on_after(1), contextlib.suppress(Exception):
@@ -422,9 +334,7 @@ class SwarmGate(INotifee):
         else:
             refused_here = self._mark_refused(peer, state, reason, detail)
         if reply is not None:
-            with trio.move_on_after(SEND_REFUSAL_TIMEOUT_S), contextlib.suppress(Exception):
-                await stream.write(encode_auth(Refused(reason=reply)))
-                await stream.close()
+            await reply_refused(stream, reply)
         with contextlib.suppress(Exception):
             await stream.reset()
         if refused_here:
@@ -449,7 +359,7 @@ class SwarmGate(INotifee):
 
     # --- network events (INotifee) --------------------------------------------------------
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        peer = _peer_of(conn)
+        peer = peer_of(conn)
         verdict = connection_verdict(
             len(network.get_connections()), len(network.get_connections(peer)), self.limits
         )
@@ -466,7 +376,7 @@ class SwarmGate(INotifee):
             self._maybe_initiate(peer, state, conn.muxed_conn)
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        peer = _peer_of(conn)
+        peer = peer_of(conn)
         if not network.get_connections(peer):
             state = self._states.pop(peer, None)
             if state is not None and state.status == "pending":
@@ -506,46 +416,3 @@ class SwarmGate(INotifee):
 async def _close_quietly(conn: INetConn) -> None:
     with trio.move_on_after(2.0), contextlib.suppress(Exception):
         await conn.close()
-
-
-class _HeldNotifee(INotifee):
-    """Pubsub's notifee behind the gate: pubsub hears of a peer only once it is admitted,
-    and of its disconnections only if it heard of it (on a lost connection of a peer that is
-    still connected, pubsub would otherwise open a stream to it)."""
-
-    def __init__(self, inner: INotifee, gate: SwarmGate) -> None:
-        self.inner = inner
-        self.gate = gate
-        self._told: set[ID] = set()
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        peer = _peer_of(conn)
-        state = self.gate._state_for(peer, conn.muxed_conn)
-        if state.status == "verified":
-            await self.release(network, conn)
-        elif state.status == "pending":
-            state.held.append((self, network, conn))
-
-    async def release(self, network: INetwork, conn: INetConn) -> None:
-        self._told.add(_peer_of(conn))
-        await self.inner.connected(network, conn)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        peer = _peer_of(conn)
-        if peer not in self._told:
-            return
-        if not network.get_connections(peer):
-            self._told.discard(peer)
-        await self.inner.disconnected(network, conn)
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        await self.inner.opened_stream(network, stream)
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        await self.inner.closed_stream(network, stream)
-
-    async def listen(self, network: INetwork, multiaddr: Any) -> None:
-        await self.inner.listen(network, multiaddr)
-
-    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
-        await self.inner.listen_close(network, multiaddr)

@@ -3,7 +3,7 @@
 Pure bookkeeping with the clock passed in (no trio, no sockets): token buckets for requests
 and bytes per second, counts of open sessions and reserved KV-cache bytes per peer, and the
 connection caps checked when a connection arrives. The forward protocol (agent.serve) and
-the swarm gate (agent.swarm) ask it and act on the answer: wait, refuse or disconnect.
+the swarm gate (agent.net.swarm) ask it and act on the answer: wait, refuse or disconnect.
 """
 
 from __future__ import annotations

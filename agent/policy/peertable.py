@@ -41,9 +41,6 @@ class PeerTable:
         self._entries[ad.peer_id] = PeerEntry(ad=ad, first_seen=first, received=now)
         return "joined" if old is None else None
 
-    def remove(self, peer_id: str) -> None:
-        self._entries.pop(peer_id, None)
-
     def expire(self, now: float, connected: Callable[[str], bool] | None = None) -> list[str]:
         """Drop entries past their TTL; returns the dropped peer ids.
 

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
+from agent.config import ClientConfig
 from agent.model.sampling import Sampler, SamplingParams
 from agent.route.chunks import in_chunks
 from agent.route.health import PeerHealth
 from agent.route.session import RouteSession
-from agent.route.view import ClientConfig, GenerationError, MeshView
+from agent.route.view import GenerationError, MeshView
 
 if TYPE_CHECKING:
     from agent.model.head import ClientHead

@@ -11,11 +11,12 @@ from typing import Any, Protocol
 import torch
 import trio
 
+from agent.config import ClientConfig
 from agent.policy.routing import Hop, NoRoute, find_route
 from agent.route.chunks import in_chunks
 from agent.route.health import PeerHealth
 from agent.route.hops import HopError, LocalHop, RemoteHop
-from agent.route.view import ClientConfig, GenerationError, MeshView
+from agent.route.view import GenerationError, MeshView
 
 log = logging.getLogger("shardmesh.client")
 

@@ -1,4 +1,15 @@
-"""A client that joins the mesh by itself (no local agent): listens to ads, opens sessions."""
+"""A client that joins the mesh by itself (no local agent): listens to ads, opens sessions.
+
+The Python API (as in the README):
+
+    head = ClientHead.load("./tiny-llama", dtype="float32", device="cpu")
+    async with open_standalone(["/ip4/127.0.0.1/tcp/7411/p2p/12D3Koo..."]) as mesh:
+        await wait_for_model(mesh, "tiny-llama", timeout_s=20)
+        result = await generate_ids(mesh, head, [1, 2, 3], max_new_tokens=16)
+
+(`generate_ids` from agent.route.generate; pass it `cfg=ClientConfig(...)` for other
+deadlines, failover or verified outputs.)
+"""
 
 from __future__ import annotations
 
@@ -13,13 +24,13 @@ import trio
 from agent.errors import ShardmeshError
 from agent.policy.routing import NoRoute, find_route
 from agent.policy.snapshot import PeerSpan
-from agent.route.view import GenerationError
+from agent.route.view import GenerationError, LocalForward
 
 
 class StandaloneView:
     """A mesh node that only listens to ads and opens sessions (no ads, no serving)."""
 
-    local = None
+    local: LocalForward | None = None
 
     def __init__(self, mesh: Any) -> None:
         from agent.policy.peertable import PeerTable

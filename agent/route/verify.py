@@ -34,11 +34,12 @@ from typing import Any
 import torch
 import trio
 
+from agent.config import ClientConfig
 from agent.policy.routing import NoRoute, find_route
 from agent.route.chunks import in_chunks
 from agent.route.hops import HopError, LocalHop, RemoteHop
 from agent.route.session import HopState, RouteSession
-from agent.route.view import ClientConfig, GenerationError
+from agent.route.view import GenerationError
 from agent.route.vote import StepSampler, agrees, majority, relative_error, tail_tokens
 
 log = logging.getLogger("shardmesh.verify")

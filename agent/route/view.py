@@ -3,9 +3,11 @@ the agent's own serving part when the client runs inside an agent."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+# The [client] table of the config file; defined in the base layer so the CLI and the agent
+# read it from a file, and re-exported here, where the client's modules (and tests) import it.
+from agent.config import ClientConfig
 from agent.errors import ShardmeshError
 from agent.policy.snapshot import PeerSpan
 from protocol import ErrorReply, OpenSession, SessionOpened, Step, StepResult
@@ -15,27 +17,11 @@ if TYPE_CHECKING:
 
     from agent.net.mesh import Mesh
 
+__all__ = ["ClientConfig", "GenerationError", "LocalForward", "MeshView"]
+
 
 class GenerationError(ShardmeshError):
     """Generation could not complete (no coverage, every replica failed, ...)."""
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    step_timeout_s: float = 30.0
-    open_timeout_s: float = 10.0
-    max_failovers: int = 6
-    failed_peer_cooldown_s: float = 60.0
-    reroute_wait_s: float = 10.0  # how long to wait for a replacement to appear in the table
-    wire_dtype: str = "float32"
-    max_chunk_bytes: int = 16 * 1024 * 1024  # prefill/replay chunks stay well under frames
-    # Verified outputs (agent.verify): the share of steps each hop also runs on a witness
-    # (0 = off, 1 = every step), the per-row relative error still counted as agreement
-    # (absorbs bf16/fp16 vs fp32 peers), and the seed of the step draw (None: from the OS,
-    # so a peer cannot know which steps are checked; set it only to reproduce a run).
-    verify_fraction: float = 0.0
-    verify_tolerance: float = 0.05
-    verify_seed: int | None = None
 
 
 class LocalForward(Protocol):
@@ -60,5 +46,3 @@ class MeshView(Protocol):
     def spans(self, model_id: str) -> list[PeerSpan]: ...
 
     def peer_addrs(self, peer_id: str) -> list[str]: ...
-
-
