@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import multiaddr
 import trio
@@ -107,12 +106,6 @@ def make_router() -> GossipSub:
         eclipse_protection_enabled=False,
         adaptive_gossip_enabled=False,
     )
-
-
-@dataclass
-class ReceivedAd:
-    ad: CapacityAd
-    size: int
 
 
 class Mesh:

@@ -30,7 +30,7 @@ class GenerationResult:
     failovers: int
     text: str | None = None
     failures: list[str] = field(default_factory=list)
-    # Verified outputs (agent.verify): sampled steps checked / left unchecked for want of an
+    # Verified outputs (agent.route.verify): sampled steps checked / left unchecked for want of an
     # independent peer, disagreements seen, and the peers outvoted ({peer_id, span, reason}).
     verified_steps: int = 0
     unverified_steps: int = 0
