@@ -305,7 +305,7 @@ class _BlockCall:
     @classmethod
     def for_block(cls, block_cls: type) -> _BlockCall:
         # inspect.signature follows __wrapped__ through transformers' deprecation decorators.
-        return cls(set(inspect.signature(block_cls.forward).parameters))
+        return cls(set(inspect.signature(block_cls.forward).parameters))  # type: ignore[attr-defined]
 
     def __call__(
         self,

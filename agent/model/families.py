@@ -108,7 +108,7 @@ def block_class(config: object) -> type:
     family = family_for(config.model_type)  # type: ignore[attr-defined]
     module = modeling_module(family.model_type)
     names: list[str] = []
-    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # type: ignore[arg-type]
     if causal_lm is not None:
         names.extend(getattr(causal_lm, "_no_split_modules", None) or [])
     names.append(family.block_class)

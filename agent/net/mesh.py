@@ -80,7 +80,7 @@ def _install_signed_record_cache() -> None:
     cached._shardmesh_cached = True  # type: ignore[attr-defined]
     for mod in (utils_mod, pubsub_mod, gossipsub_mod, floodsub_mod):
         if hasattr(mod, "maybe_consume_signed_record"):
-            mod.maybe_consume_signed_record = cached
+            setattr(mod, "maybe_consume_signed_record", cached)  # noqa: B010 - not all declare it
 
 
 def make_host(key_pair: KeyPair, *, mdns: bool) -> IHost:

@@ -154,8 +154,8 @@ class Verifier:
         decided = self._decided.get(span)
         if decided is not None:
             # A replacement re-running a step the majority settled: it must agree with it.
-            out = await state.hop.step(h, position)
-            err = relative_error(out, decided)
+            rerun = await state.hop.step(h, position)
+            err = relative_error(rerun, decided)
             if err > self.tolerance:
                 self.mismatches += 1
                 why = (

@@ -168,6 +168,7 @@ class AgentProcess:
         except WaitTimeout:
             raise self.failure(f"agent {self.name} was not ready within {timeout:g} s") from None
         self.ready_at = time.monotonic()
+        assert status is not None  # wait_for returns only a truthy reading
         self.peer_id = status["peer_id"]
         self.addrs = list(status["addrs"])
         return self
