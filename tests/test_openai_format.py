@@ -350,7 +350,7 @@ def test_models_listed_when_covered_and_local() -> None:
 
 # --- metrics ----------------------------------------------------------------------------------
 def _fake_node() -> Any:
-    ads = [SimpleNamespace(ad=SimpleNamespace(state=s)) for s in ("online", "online", "joining")]
+    """What /metrics reads of the agent (agent.api.metrics.MetricsSource)."""
     serving = SimpleNamespace(
         active_sessions=lambda: 2,
         tokens_served=123,
@@ -369,8 +369,9 @@ def _fake_node() -> Any:
     )
     return SimpleNamespace(
         mesh=mesh,
-        table=ads,
-        info=SimpleNamespace(state="online", started=0.0),
+        peer_states=lambda: ["online", "online", "joining"],
+        state="online",
+        started=0.0,
         serving=serving,
         coverage=lambda: [{"model": "tiny@1", "model_name": "tiny", "replicas": [1, 2, 1]}],
     )

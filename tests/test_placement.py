@@ -5,22 +5,12 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from factories import peer_span as span  # throughput unmeasured unless given
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.policy.placement import blocks_that_fit, choose_span, coverage, uncovered_blocks
 from agent.policy.snapshot import PeerSpan
-
-
-def span(
-    peer_id: str,
-    start: int,
-    end: int,
-    *,
-    throughput: float = 0.0,
-    state: str = "online",
-) -> PeerSpan:
-    return PeerSpan(peer_id, start, end, throughput, state, sessions=0, kv_free_tokens=1000)
 
 
 def pick_index(self_id: str, n: int) -> int:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,11 +191,11 @@ def test_status_line_reads_well() -> None:
 
 
 class FakeNode:
-    """What agent.service reads of a Node."""
+    """What agent.service reads of a Node (service.Supervised)."""
 
     def __init__(self, bootstrap_wait: float) -> None:
-        self.cfg = config.AgentConfig(bootstrap_wait=bootstrap_wait)
-        self.info = types.SimpleNamespace(started=time.monotonic())
+        self.bootstrap_wait = bootstrap_wait
+        self.started = time.monotonic()
         self.joined = trio.Event()
 
     def status(self) -> dict[str, object]:
@@ -310,7 +309,7 @@ def test_setup_logging_in_a_process(tmp_path: Path, journal: bool) -> None:
     """What a process writes to stderr with and without stderr being the journal."""
     err = tmp_path / "stderr"
     code = (
-        "import logging; from agent.logs import setup_logging; setup_logging('info'); "
+        "import logging; from agent.daemon.logs import setup_logging; setup_logging('info'); "
         "logging.getLogger('shardmesh.agent').warning('no bootstrap peer answered')"
     )
     with open(err, "wb") as f:
@@ -324,6 +323,7 @@ def test_setup_logging_in_a_process(tmp_path: Path, journal: bool) -> None:
         assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING shardmesh.agent: no bootstrap.*\n", out)
 
 
+@pytest.mark.procs
 def test_a_failed_start_is_an_error_in_the_journal(tmp_path: Path) -> None:
     """The CLI's one-line failure (here: a missing config file) carries priority <3> when
     stderr is the journal, so `journalctl -p err` shows why the service did not start."""
@@ -386,6 +386,7 @@ def _stop_and_expect_stopping(agent: Agent, listener: NotifyListener) -> None:
     assert agent.wait(30) == 0, agent.log()
 
 
+@pytest.mark.procs
 def test_ready_waits_for_bootstrap_then_watchdog_and_stopping(
     tmp_path: Path, listener: NotifyListener
 ) -> None:
@@ -429,6 +430,7 @@ def test_ready_waits_for_bootstrap_then_watchdog_and_stopping(
         agent.kill()
 
 
+@pytest.mark.procs
 def test_sigterm_before_ready_stops_without_ever_saying_ready(
     tmp_path: Path, listener: NotifyListener
 ) -> None:
@@ -446,6 +448,7 @@ def test_sigterm_before_ready_stops_without_ever_saying_ready(
         agent.kill()
 
 
+@pytest.mark.procs
 def test_ready_only_after_the_blocks_are_loaded(tmp_path: Path, listener: NotifyListener) -> None:
     from agent.model.tiny import ensure_tiny_model
 
@@ -569,6 +572,7 @@ def _install(root: Path, wheel: Path, *extra: str) -> list[str]:
     return [line.removeprefix("install: ").replace(str(root), "ROOT") for line in lines]
 
 
+@pytest.mark.procs
 def test_install_into_a_temporary_root(tmp_path: Path, wheel: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()

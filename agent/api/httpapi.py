@@ -9,6 +9,9 @@ close at once instead of running to max_tokens.
 
 Starlette does routing and request parsing; a generation writes its own ASGI messages, so
 the disconnect watch, the stream and its errors live in one nursery.
+
+The API knows the agent only through `ApiNode` (the daemon's Node provides it): agent.api
+never imports the daemon.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import trio
 from starlette.applications import Starlette
@@ -32,8 +35,8 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from agent.api.apikeys import check_bearer, load_api_keys
-from agent.api.apimodels import ApiModels, Checkpoint, Resolved, load_checkpoints
-from agent.api.metrics import CONTENT_TYPE, ApiMetrics
+from agent.api.apimodels import ApiModels, Checkpoint, Models, Resolved, load_checkpoints
+from agent.api.metrics import CONTENT_TYPE, ApiMetrics, MetricsSource
 from agent.api.openai_format import (
     SSE_DONE,
     ApiError,
@@ -50,11 +53,15 @@ from agent.api.openai_format import (
     sse,
     usage,
 )
-from agent.config import api_address
+from agent.config import AgentConfig, ApiConfig, api_address
 from agent.errors import ShardmeshError
+from agent.route.view import MeshView
 
 if TYPE_CHECKING:
-    from agent.daemon.node import Node
+    from hypercorn.typing import ASGIFramework
+
+    from agent.route.generation import ClientParts
+    from agent.route.health import PeerHealth
 
 log = logging.getLogger("shardmesh.api")
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -62,6 +69,18 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics")
 
 OnText = Callable[[str], Awaitable[None]]
+
+
+class ApiNode(MeshView, MetricsSource, Protocol):
+    """What the API reads of the agent: the mesh view its generations route over, the head
+    cache and failure history shared with the control socket's `generate`, the models known
+    on the mesh and their coverage, and what /metrics shows."""
+
+    def client_state(self) -> tuple[ClientParts, PeerHealth]: ...
+
+    def failovers(self) -> int: ...
+
+    def known_models(self) -> Models: ...
 
 
 @dataclass(frozen=True)
@@ -82,9 +101,17 @@ class Outcome:
 
 
 class ApiServer:
-    def __init__(self, node: Node, keys: frozenset[str], checkpoints: dict[str, Checkpoint]):
+    def __init__(
+        self,
+        node: ApiNode,
+        cfg: ApiConfig,
+        session_tokens: int,
+        keys: frozenset[str],
+        checkpoints: dict[str, Checkpoint],
+    ):
         self.node = node
-        self.cfg = node.cfg.api
+        self.cfg = cfg
+        self.session_tokens = session_tokens  # limits.max_session_tokens: peers usually share it
         self.keys = keys
         self.models = ApiModels(checkpoints, node.known_models, node.coverage)
         self.metrics = ApiMetrics(node, self._failovers)
@@ -153,7 +180,7 @@ class ApiServer:
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
 
-    def _client_state(self) -> tuple[Any, Any]:
+    def _client_state(self) -> tuple[ClientParts, PeerHealth]:
         # The same head cache and failure history as the control socket's `generate`:
         # one head per checkpoint in memory, whichever way a request came.
         return self.node.client_state()
@@ -174,7 +201,7 @@ class ApiServer:
         info = job.model.checkpoint.info
         head, tok = await parts.get(info.path, info.model_id)
         prompt_ids = _prompt_ids(job, tok, head.info.vocab_size)
-        context = _context(head.config, self.node.cfg.limits.max_session_tokens)
+        context = _context(head.config, self.session_tokens)
         max_new = completion_budget(job.settings.max_tokens, job.chat, len(prompt_ids), context)
         eos = end_token_ids(info.path, head.config)  # what run_generation stops at
         stops = StopText(job.settings.stop)
@@ -441,17 +468,20 @@ async def _http_error_response(request: Request, exc: Exception) -> Response:
 
 
 # --- serving -----------------------------------------------------------------------------------
-async def serve_api(node: Node, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_api(
+    node: ApiNode, cfg: AgentConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run the API until cancelled; `started` gets the URL it listens on. Bad keys, an
-    unusable checkpoint or a busy port raise ShardmeshError with one line."""
+    unusable checkpoint or a busy port raise ShardmeshError with one line. `cfg`: the [api]
+    table, the session limit, and where the checkpoints are (`model`, `api.model_dirs`)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    api = node.cfg.api
+    api = cfg.api
     host, port = api_address(api)
     keys = load_api_keys(api.key_file) if api.key_file is not None else frozenset()
-    checkpoints = await trio.to_thread.run_sync(load_checkpoints, node.cfg)
-    server = ApiServer(node, keys, checkpoints)
+    checkpoints = await trio.to_thread.run_sync(load_checkpoints, cfg)
+    server = ApiServer(node, api, cfg.limits.max_session_tokens, keys, checkpoints)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
@@ -460,7 +490,8 @@ async def serve_api(node: Node, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     config.errorlog = quiet
     async with trio.open_nursery() as nursery:
         try:
-            binds = await nursery.start(partial(serve, server.app, config))
+            app = cast("ASGIFramework", server.app)  # Starlette's ASGI types, not hypercorn's
+            binds = await nursery.start(partial(serve, app, config))
         except OSError as exc:
             raise ShardmeshError(f"api.listen: cannot listen on {api.listen}: {exc}") from None
         url = binds[0] if binds else f"http://{config.bind[0]}"

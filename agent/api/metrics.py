@@ -1,9 +1,11 @@
 """Prometheus metrics for `GET /metrics`, in the text exposition format.
 
-Most numbers already live on the node (peer table, serving, mesh counters), so a collector
-reads them when Prometheus scrapes, and nothing is kept twice. Only what happens in hot
-paths is counted as it happens: forward-step latency (agent.serve.stats.STEP_SECONDS),
-framed-stream bytes (FramedStream totals) and failovers (PeerHealth.failovers).
+Most numbers already live on the agent (peer table, serving, mesh counters), so a collector
+reads them when Prometheus scrapes, and nothing is kept twice. It reads them through
+`MetricsSource`, which the daemon's Node provides (agent.api never imports the daemon).
+Only what happens in hot paths is counted as it happens: forward-step latency
+(agent.serve.stats.STEP_SECONDS), framed-stream bytes (FramedStream totals) and failovers
+(PeerHealth.failovers).
 
 Imports prometheus_client only (no torch).
 """
@@ -12,25 +14,90 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.policy.snapshot import AGENT_STATES
 from agent.serve.stats import STEP_SECONDS
 
-if TYPE_CHECKING:
-    from agent.daemon.node import Node
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-AGENT_STATES = ("joining", "online", "draining", "leaving")
+
+
+class ServedCounters(Protocol):
+    """The serving part as /metrics reads it (agent.serve.serving.Serving)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def tokens_served(self) -> int: ...
+
+    @property
+    def errors_sent(self) -> Mapping[str, int]: ...
+
+    def active_sessions(self) -> int: ...
+
+    def kv_free_tokens(self) -> int: ...
+
+    def chosen_span(self) -> tuple[int, int] | None: ...
+
+
+class AdRejections(Protocol):
+    """The ad validator's tally (protocol.ads.AdValidator)."""
+
+    @property
+    def rejected(self) -> Mapping[str, int]: ...
+
+
+class MeshCounters(Protocol):
+    """The libp2p side as /metrics reads it (agent.net.mesh.Mesh)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def bytes_in(self) -> int: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+    @property
+    def validator(self) -> AdRejections: ...
+
+    def connected_peers(self) -> Sized: ...
+
+
+class MetricsSource(Protocol):
+    """What the collector reads of the running agent (the daemon's Node)."""
+
+    @property
+    def mesh(self) -> MeshCounters: ...
+
+    @property
+    def serving(self) -> ServedCounters | None: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def started(self) -> float: ...  # time.monotonic() at the start
+
+    def peer_states(self) -> Iterable[str]: ...  # one per peer in the table
+
+    def coverage(self) -> list[dict[str, Any]]: ...
+
 
 class NodeCollector(Collector):
-    """Reads the node's state at scrape time."""
+    """Reads the agent's state at scrape time."""
 
-    def __init__(self, node: Node, failovers: Callable[[], int]) -> None:
+    def __init__(self, node: MetricsSource, failovers: Callable[[], int]) -> None:
         self.node = node
         self.failovers = failovers
 
@@ -52,17 +119,17 @@ class NodeCollector(Collector):
             "shardmesh_state", "1 for the state this agent is in.", labels=["state"]
         )
         for name in AGENT_STATES:
-            state.add_metric([name], 1.0 if node.info.state == name else 0.0)
+            state.add_metric([name], 1.0 if node.state == name else 0.0)
         yield state
         yield GaugeMetricFamily(
             "shardmesh_uptime_seconds",
             "Seconds since the agent started.",
-            value=time.monotonic() - node.info.started,
+            value=time.monotonic() - node.started,
         )
 
     def _peer_metrics(self) -> Iterable[Metric]:
         node = self.node
-        counts = Tally(entry.ad.state for entry in node.table)
+        counts = Tally(node.peer_states())
         peers = GaugeMetricFamily(
             "shardmesh_peers", "Peers in this agent's table, by state.", labels=["state"]
         )
@@ -152,7 +219,7 @@ class ApiMetrics:
     """One registry per API server: the node collector, the step histogram, and the API's
     own counters."""
 
-    def __init__(self, node: Node, failovers: Callable[[], int]) -> None:
+    def __init__(self, node: MetricsSource, failovers: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(node, failovers))
         self.registry.register(STEP_SECONDS)

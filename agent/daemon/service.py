@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from agent.daemon.sdnotify import notifier
 
-if TYPE_CHECKING:
-    from agent.daemon.node import Node
-
 log = logging.getLogger("shardmesh.service")
 
 STATUS_REFRESH_S = 2.0  # how often STATUS= is recomputed (sent only when it changed)
 _stopping = False  # once STOPPING=1 is sent, READY=1 must not follow
+
+
+class Supervised(Protocol):
+    """What systemd's side reads of the running agent (the daemon's Node provides it)."""
+
+    @property
+    def joined(self) -> trio.Event: ...  # a bootstrap peer answered (or none is configured)
+
+    @property
+    def started(self) -> float: ...  # time.monotonic() at the agent's start
+
+    @property
+    def bootstrap_wait(self) -> float: ...  # READY=1 at the latest this long after the start
+
+    def status(self) -> dict[str, Any]: ...
 
 
 def status_line(status: dict[str, Any], *, joined: bool = True) -> str:
@@ -47,7 +59,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-async def supervise(node: Node) -> None:
+async def supervise(node: Supervised) -> None:
     """Ping the watchdog at the interval systemd asked for and keep STATUS= current."""
     sd = notifier()
     if not sd.enabled:
@@ -74,10 +86,10 @@ async def supervise(node: Node) -> None:
         await trio.sleep(tick)
 
 
-async def announce_ready(node: Node) -> None:
+async def announce_ready(node: Supervised) -> None:
     """READY=1 once the mesh is joined or `bootstrap_wait` (from the agent's start) ran out.
     Called when the agent is listening and its blocks are loaded."""
-    wait = node.cfg.bootstrap_wait - (time.monotonic() - node.info.started)
+    wait = node.bootstrap_wait - (time.monotonic() - node.started)
     with trio.move_on_after(max(0.0, wait)):
         await node.joined.wait()
     if _stopping:
@@ -85,7 +97,7 @@ async def announce_ready(node: Node) -> None:
     if not node.joined.is_set():
         log.warning(
             "no bootstrap peer answered in %g s; ready without them (still retrying)",
-            node.cfg.bootstrap_wait,
+            node.bootstrap_wait,
         )
     notifier().ready(status_line(node.status(), joined=node.joined.is_set()))
     log.debug("told systemd: ready")

@@ -5,7 +5,8 @@ readings into the reasons the owner counts as active; it ignores this agent's ow
 so serving never makes the agent yield to itself. `IdlePolicy` is a pure state machine with
 the clock passed in: serving -> draining (owner back: no new sessions, running ones get a
 grace period) -> yielded (blocks unloaded, memory returned) -> loading after the machine
-has been idle for the hold-off time -> serving. The node runs it (agent.node.idle_loop).
+has been idle for the hold-off time -> serving. The daemon runs it on a live agent
+(agent.daemon.idlewatch.IdleWatch), draining through the agent's lifecycle.
 """
 
 from __future__ import annotations

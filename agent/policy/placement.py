@@ -2,18 +2,18 @@
 
 Peers that are "online" or "joining" count as replicas (a joining peer is about to serve, and
 counting it keeps agents started a few seconds apart from piling onto the same blocks); "draining"
-and "leaving" peers are about to go and count for nothing.
+and "leaving" peers are about to go and count for nothing. `coverage` also serves the peers
+table's view (`shardmesh peers`, the API's model list), which counts online peers only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 
-from agent.policy.snapshot import JOINING, ONLINE, PeerSpan
-
-_COUNTED_STATES = frozenset({ONLINE, JOINING})
+from agent.policy.snapshot import SERVING_STATES, PeerSpan
 
 
 def blocks_that_fit(memory_budget_bytes: int, block_bytes: int, kv_bytes_per_block: int = 0) -> int:
@@ -29,7 +29,7 @@ def blocks_that_fit(memory_budget_bytes: int, block_bytes: int, kv_bytes_per_blo
 
 def _counted(spans: Sequence[PeerSpan], n_blocks: int) -> list[PeerSpan]:
     # Spans reaching past the model (a stale or wrong ad) only count for the blocks that exist.
-    return [s for s in spans if s.state in _COUNTED_STATES and s.start < n_blocks]
+    return [s for s in spans if s.state in SERVING_STATES and s.start < n_blocks]
 
 
 def _check_n_blocks(n_blocks: int) -> None:
@@ -37,14 +37,20 @@ def _check_n_blocks(n_blocks: int) -> None:
         raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
 
 
-def coverage(spans: Sequence[PeerSpan], n_blocks: int) -> list[int]:
-    """Replica count per block: how many online or joining peers serve it."""
+def coverage(
+    spans: Iterable[PeerSpan], n_blocks: int, states: Collection[str] = SERVING_STATES
+) -> list[int]:
+    """Replica count per block: how many peers in `states` serve it (by default online or
+    joining ones, as placement counts; the peers table passes ROUTABLE_STATES). Spans reaching
+    past the model count for the blocks that exist. O(peers + blocks): each span adds one at
+    its start and takes one off past its end, and a running sum gives the counts."""
     _check_n_blocks(n_blocks)
-    counts = [0] * n_blocks
-    for s in _counted(spans, n_blocks):
-        for block in range(s.start, min(s.end, n_blocks)):
-            counts[block] += 1
-    return counts
+    steps = [0] * (n_blocks + 1)
+    for s in spans:
+        if s.state in states and s.start < n_blocks:
+            steps[s.start] += 1
+            steps[min(s.end, n_blocks)] -= 1
+    return list(itertools.accumulate(steps[:n_blocks]))
 
 
 def uncovered_blocks(spans: Sequence[PeerSpan], n_blocks: int) -> list[int]:

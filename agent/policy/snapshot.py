@@ -13,7 +13,15 @@ JOINING = "joining"
 ONLINE = "online"
 DRAINING = "draining"
 LEAVING = "leaving"
-STATES = frozenset({JOINING, ONLINE, DRAINING, LEAVING})
+# Every state an agent (and its ads) can be in, in lifecycle order.
+AGENT_STATES: tuple[str, ...] = (JOINING, ONLINE, DRAINING, LEAVING)
+STATES = frozenset(AGENT_STATES)
+# Peers whose span counts as a replica when choosing what to serve: online ones, and joining
+# ones (about to serve; counting them keeps agents started together from piling up).
+SERVING_STATES = frozenset({JOINING, ONLINE})
+# Peers that take sessions now: routers pick only these, and the peers table's coverage
+# counts only these.
+ROUTABLE_STATES = frozenset({ONLINE})
 
 
 @dataclass(frozen=True)
