@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 from agent.testing.agents import AgentError, AgentProcess, stop_all  # noqa: E402
 from agent.testing.report import machine_info, markdown_table, write_json  # noqa: E402
 
-EXPIRE_LOOP_S = 0.25  # agent.daemon.node.Node.expire_loop's period
+EXPIRE_LOOP_S = 0.25  # agent.daemon.discovery.Discovery.expire_loop's period
 MESH_PACKAGES = ("libp2p", "trio")  # the versions a mesh-only run depends on
 
 

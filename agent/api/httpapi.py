@@ -3,7 +3,7 @@ agent's own trio loop (a task in the agent's nursery, like the control socket).
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
 GET /metrics. Generations run through the same client path as `shardmesh generate`
-(agent.generation.run_generation), so equal settings give equal tokens. Each generation
+(agent.route.generation.run_generation), so equal settings give equal tokens. Each generation
 watches its connection: a client that goes away cancels it, and the route's hop sessions
 close at once instead of running to max_tokens.
 
@@ -53,7 +53,7 @@ from agent.api.openai_format import (
     sse,
     usage,
 )
-from agent.config import AgentConfig, ApiConfig, api_address
+from agent.config import AgentConfig, ApiConfig, ClientConfig, api_address
 from agent.errors import ShardmeshError
 from agent.route.view import MeshView
 
@@ -108,9 +108,11 @@ class ApiServer:
         session_tokens: int,
         keys: frozenset[str],
         checkpoints: dict[str, Checkpoint],
+        client: ClientConfig | None = None,
     ):
         self.node = node
         self.cfg = cfg
+        self.client = client or ClientConfig()  # the agent's [client] table
         self.session_tokens = session_tokens  # limits.max_session_tokens: peers usually share it
         self.keys = keys
         self.models = ApiModels(checkpoints, node.known_models, node.coverage)
@@ -225,8 +227,9 @@ class ApiServer:
             model_dir=info.path,
         )
         out = await run_generation(
-            self.node, parts, request, info.model_id, info.path, emit, health=health
-        )
+            self.node, parts, request, info.model_id, info.path, emit,
+            health=health, cfg=self.client,
+        )  # fmt: skip
         text = stops.text if stops.hit else (out.get("text") or "")
         sent = "".join(released)
         counts = usage(len(prompt_ids), len(out["token_ids"]))
@@ -481,7 +484,7 @@ async def serve_api(
     host, port = api_address(api)
     keys = load_api_keys(api.key_file) if api.key_file is not None else frozenset()
     checkpoints = await trio.to_thread.run_sync(load_checkpoints, cfg)
-    server = ApiServer(node, api, cfg.limits.max_session_tokens, keys, checkpoints)
+    server = ApiServer(node, api, cfg.limits.max_session_tokens, keys, checkpoints, cfg.client)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None

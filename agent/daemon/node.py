@@ -193,7 +193,9 @@ class Node:
                 f"this agent has no local checkpoint of {model_id}: pass --model-dir DIR"
             )
         parts, health = self.client_state()
-        return await run_generation(self, parts, request, model_id, model_dir, emit, health=health)
+        return await run_generation(
+            self, parts, request, model_id, model_dir, emit, health=health, cfg=self.cfg.client
+        )
 
     def client_state(self) -> tuple[ClientParts, PeerHealth]:
         """The head/tokenizer cache and peer failure history shared by every way a

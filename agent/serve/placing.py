@@ -11,6 +11,7 @@ import trio
 from agent.config import ServeConfig
 from agent.model.modelinfo import ModelInfo, block_param_bytes
 from agent.policy.placement import blocks_that_fit, choose_span
+from agent.policy.snapshot import SERVING_STATES
 from agent.serve.host import ServingHost
 from agent.serve.memory import weights_budget
 
@@ -46,7 +47,7 @@ async def auto_place(
         await trio.sleep(cfg.announce_interval * 1.5)
         others = host.spans_for(info.model_id)
         clash = any(
-            (p.start, p.end) == span and p.peer_id < me and p.state in ("joining", "online")
+            (p.start, p.end) == span and p.peer_id < me and p.state in SERVING_STATES
             for p in others
         )
         if not clash:
