@@ -25,6 +25,7 @@ import trio
 from agentproc import Agent, free_port
 
 from agent import config
+from agent.config import paths as config_paths
 from agent.daemon import logs, sdnotify, service
 from agent.daemon.service import status_line
 
@@ -352,7 +353,7 @@ def test_the_cli_finds_the_service_socket_when_it_has_no_agent_of_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service_sock = tmp_path / "run" / "control.sock"
-    monkeypatch.setattr(config, "SERVICE_CONTROL_SOCKET", service_sock)
+    monkeypatch.setattr(config_paths, "SERVICE_CONTROL_SOCKET", service_sock)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("SHARDMESH_CONTROL", raising=False)
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
