@@ -20,8 +20,6 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -35,10 +33,9 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from agent.api.apikeys import check_bearer, load_api_keys
-from agent.api.apimodels import ApiModels, Checkpoint, Models, Resolved, load_checkpoints
+from agent.api.apimodels import ApiModels, Checkpoint, Models, load_checkpoints
 from agent.api.metrics import CONTENT_TYPE, ApiMetrics, MetricsSource
 from agent.api.openai_format import (
-    SSE_DONE,
     ApiError,
     Reply,
     Settings,
@@ -50,8 +47,15 @@ from agent.api.openai_format import (
     model_list,
     parse_chat,
     parse_completion,
-    sse,
     usage,
+)
+from agent.api.responses import (
+    GenerationResponse,
+    Job,
+    OnText,
+    Outcome,
+    api_error_response,
+    http_error_response,
 )
 from agent.config import AgentConfig, ApiConfig, ClientConfig, api_address
 from agent.errors import ShardmeshError
@@ -68,9 +72,6 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 # Paths counted under their own label in shardmesh_api_requests; anything else is "other".
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics")
 
-OnText = Callable[[str], Awaitable[None]]
-
-
 class ApiNode(MeshView, MetricsSource, Protocol):
     """What the API reads of the agent: the mesh view its generations route over, the head
     cache and failure history shared with the control socket's `generate`, the models known
@@ -81,23 +82,6 @@ class ApiNode(MeshView, MetricsSource, Protocol):
     def failovers(self) -> int: ...
 
     def known_models(self) -> Models: ...
-
-
-@dataclass(frozen=True)
-class Job:
-    chat: bool
-    settings: Settings
-    prompt: str | tuple[int, ...] | tuple[dict[str, str], ...]  # messages for chat
-    model: Resolved
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class Outcome:
-    text: str
-    finish: str
-    usage: dict[str, int]
-    tail: str  # text not streamed yet (held back for a possible stop sequence)
 
 
 class ApiServer:
@@ -126,7 +110,7 @@ class ApiServer:
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/metrics", self._metrics, methods=["GET"]),
         ]
-        handlers: Any = {ApiError: _api_error_response, HTTPException: _http_error_response}
+        handlers: Any = {ApiError: api_error_response, HTTPException: http_error_response}
         self.app = _Front(self, Starlette(routes=routes, exception_handlers=handlers))
 
     # --- plain endpoints --------------------------------------------------------------------
@@ -176,7 +160,8 @@ class ApiServer:
             model=model.api_id,
             fingerprint="shardmesh-" + model.checkpoint.info.model_id.rpartition("@")[2],
         )
-        return GenerationResponse(self, Job(chat, settings, prompt, model, reply))
+        job = Job(chat, settings, prompt, model, reply)
+        return GenerationResponse(self, job, self.cfg.request_timeout)
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -297,126 +282,7 @@ async def _read_json(request: Request) -> Any:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
-def as_api_error(exc: Exception, timeout: float) -> ApiError:
-    """What an exception from a generation becomes on the wire."""
-    from agent.route.view import GenerationError
-
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, trio.TooSlowError):
-        return ApiError(
-            504,
-            f"the generation did not finish within api.request_timeout ({timeout:g} s)",
-            type="server_error",
-            code="timeout",
-        )
-    if isinstance(exc, GenerationError):
-        return ApiError(503, str(exc), type="server_error", code="mesh_unavailable")
-    if isinstance(exc, ShardmeshError):
-        return ApiError(500, str(exc), type="server_error", code="generation_failed")
-    log.exception("generation failed")
-    return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
-
-
 # --- ASGI pieces -------------------------------------------------------------------------------
-class GenerationResponse(Response):
-    """Runs the generation inside the response, next to a watch on the connection."""
-
-    def __init__(self, server: ApiServer, job: Job) -> None:
-        super().__init__(status_code=200)
-        self.server = server
-        self.job = job
-        self._released = False
-
-    def _release(self) -> None:
-        # As soon as the generation ends, before the last bytes go out: a client that sends
-        # its next request on reading them must find the slot free.
-        if not self._released:
-            self._released = True
-            self.server.release()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        out = _Out(send)
-        gone = trio.Event()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, gone)
-                await self._respond(out)
-                nursery.cancel_scope.cancel()
-        finally:
-            self._release()
-        if gone.is_set() and not out.finished:
-            log.info("client went away; generation %s cancelled", self.job.reply.id)
-
-    async def _respond(self, out: _Out) -> None:
-        job = self.job
-        stream = job.settings.stream
-        first = True
-
-        async def on_text(delta: str) -> None:
-            nonlocal first
-            await out.event(job.reply.chunk(delta, first=first))
-            first = False
-
-        try:
-            outcome = await self.server.run(job, on_text if stream else None)
-        except Exception as exc:
-            self._release()
-            err = as_api_error(exc, self.server.cfg.request_timeout)
-            if out.started:  # mid-stream: OpenAI's clients raise on an error event
-                await out.event(err.body())
-                await out.end(b"")
-            else:
-                await out.json(err.status, err.body())
-            return
-        self._release()
-        if not stream:
-            await out.json(200, job.reply.full(outcome.text, outcome.finish, outcome.usage))
-            return
-        await out.event(job.reply.chunk(outcome.tail, first=first, finish=outcome.finish))
-        if job.settings.include_usage:
-            await out.event(job.reply.usage_chunk(outcome.usage))
-        await out.end(SSE_DONE)
-
-
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, gone: trio.Event) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            scope.cancel()
-            return
-
-
-class _Out:
-    """The response's ASGI messages: one JSON body, or server-sent events."""
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.started = False
-        self.finished = False
-
-    async def _start(self, status: int, content_type: bytes, extra: list[Any]) -> None:
-        headers = [(b"content-type", content_type), (b"cache-control", b"no-cache"), *extra]
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-        self.started = True
-
-    async def event(self, obj: dict[str, Any]) -> None:
-        if not self.started:
-            await self._start(200, b"text/event-stream; charset=utf-8", [])
-        await self.send({"type": "http.response.body", "body": sse(obj), "more_body": True})
-
-    async def end(self, last: bytes) -> None:
-        self.finished = True
-        await self.send({"type": "http.response.body", "body": last, "more_body": False})
-
-    async def json(self, status: int, obj: dict[str, Any]) -> None:
-        body = json.dumps(obj).encode()
-        await self._start(status, b"application/json", [(b"content-length", b"%d" % len(body))])
-        self.finished = True
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-
-
 class _Front:
     """Bearer-key check and request counting in front of every route."""
 
@@ -455,19 +321,6 @@ class _Front:
         finally:
             label = endpoint if endpoint in ENDPOINTS else "other"
             self.server.metrics.count_request(label, status)
-
-
-async def _api_error_response(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), exc.status)
-
-
-async def _http_error_response(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    err = ApiError(
-        exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
-    )
-    return JSONResponse(err.body(), err.status, headers=exc.headers)
 
 
 # --- serving -----------------------------------------------------------------------------------
