@@ -1,4 +1,5 @@
-"""shardmesh's sans-I/O wire layer: messages, framing, tensors, signed capacity ads, ids."""
+"""shardmesh's sans-I/O wire layer: messages, framing, the forward connection's state machine,
+tensors, signed capacity ads, ids."""
 
 from protocol.ads import (
     AD_REJECT_REASONS,
@@ -14,6 +15,14 @@ from protocol.ads import (
     public_key_raw,
 )
 from protocol.codec import pack, unpack_map
+from protocol.connection import (
+    ConnectionState,
+    ForwardConnection,
+    LocalProtocolError,
+    OutOfOrder,
+    Role,
+    UnexpectedShape,
+)
 from protocol.errors import (
     AdRejected,
     BadSignature,
@@ -23,11 +32,13 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.forward import (
+    DEFAULT_MAX_DISCARD,
     DEFAULT_MAX_FRAME,
     ERROR_CODES,
     CloseSession,
     ErrorReply,
     FrameDecoder,
+    FramingLost,
     Message,
     OpenSession,
     SessionOpened,
@@ -50,6 +61,7 @@ __all__ = [
     "AD_REJECT_REASONS",
     "AD_STATES",
     "CAPACITY_TOPIC",
+    "DEFAULT_MAX_DISCARD",
     "DEFAULT_MAX_FRAME",
     "ERROR_CODES",
     "FORWARD_PROTOCOL_ID",
@@ -63,18 +75,25 @@ __all__ = [
     "BadSignature",
     "CapacityAd",
     "CloseSession",
+    "ConnectionState",
     "DecodeError",
     "DeviceSummary",
     "ErrorReply",
+    "ForwardConnection",
     "FrameDecoder",
     "FrameTooLarge",
+    "FramingLost",
+    "LocalProtocolError",
     "Message",
     "OpenSession",
+    "OutOfOrder",
     "ProtocolError",
+    "Role",
     "SessionOpened",
     "Step",
     "StepResult",
     "TensorFrame",
+    "UnexpectedShape",
     "VersionMismatch",
     "decode_message",
     "decode_signed_ad",

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Coverage-guided fuzzing of the protocol decoders with atheris (libFuzzer for Python).
 
-Every decoder in protocol/ must turn any bytes into a valid message or a ProtocolError. Any
-other exception (or a broken invariant: a decoded message that does not re-encode to itself,
-a frame decoder that buffers more than a frame) is a finding: the input is saved to
---out/findings/ with its traceback, and the fuzzer goes on. libFuzzer's own findings (an input
-that runs past -timeout, or memory past -rss_limit_mb) are saved there too, by libFuzzer.
+Every decoder in protocol/ must turn any bytes into a valid message or a ProtocolError, and
+so must the forward connection's state machine (both roles). Any other exception (or a broken
+invariant: a decoded message that does not re-encode to itself, a frame decoder that buffers
+more than a frame, a connection whose events depend on how its bytes were split) is a finding:
+the input is saved to --out/findings/ with its traceback, and the fuzzer goes on. libFuzzer's
+own findings (an input that runs past -timeout, or memory past -rss_limit_mb) are saved there
+too, by libFuzzer.
 
 Each target runs in its own process (atheris.Fuzz never returns) for its share of --seconds,
 starting from a seed corpus of valid encodings kept in --out/corpus/<target>/ (it grows with
@@ -61,7 +63,7 @@ def build_targets() -> dict[str, Target]:
     ad = ads.CapacityAd(
         version="1.0.0",
         peer_id=peer,
-        addrs=("/ip4/127.0.0.1/tcp/4001",),
+        addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}",),
         devices=(ads.DeviceSummary("gpu", "NVIDIA H100", 1 << 36, 1 << 35, 12.5),),
         model="tiny@ab12",
         model_name="tiny",
@@ -174,8 +176,122 @@ def build_targets() -> dict[str, Target]:
         "ad_body": Target(ad_body_signed, [ad_body]),
         "ad_validator": Target(ad_validator, [envelope, sign_raw(ad_body)]),
     }
+    targets.update(_connection_targets())
     targets.update(_swarm_targets())
     return targets
+
+
+def _connection_targets() -> dict[str, Target]:
+    """The forward connection's state machine (protocol.connection), both roles, where this
+    checkout has it: arbitrary bytes from the peer, answered the way a good peer would."""
+    try:
+        from protocol import connection
+    except ImportError:
+        return {}
+    from protocol import forward
+    from protocol.errors import ProtocolError
+
+    role_of = {0: connection.Role.CLIENT, 1: connection.Role.SERVER}
+    # Small limits, so that skipped and fatal frames are within the fuzzer's reach.
+    max_frame, max_discard = 512, 2048
+    tensor = forward.TensorFrame("float32", (1, 1, 2), bytes(8))
+    state = connection.ConnectionState
+
+    def drive(role: connection.Role, chunks: list[bytes]) -> list[object]:
+        conn = connection.ForwardConnection(role, max_frame=max_frame, max_discard=max_discard)
+        log: list[object] = []
+        next_step = 1
+
+        def answer(event: object) -> None:  # a good peer: its sends must all be allowed
+            nonlocal next_step
+            if role is connection.Role.SERVER:
+                if isinstance(event, ProtocolError):
+                    step = getattr(event, "step", None)
+                    conn.send(forward.ErrorReply(event.code, str(event)[:64], step))
+                elif isinstance(event, forward.OpenSession):
+                    conn.send(forward.SessionOpened("s", event.max_length, 0))
+                elif isinstance(event, forward.Step):
+                    conn.send(forward.StepResult(event.step, event.hidden, 0.0))
+            elif conn.state is state.OPEN:
+                conn.send(forward.Step(next_step, 0, tensor), expect_shape=tensor.shape)
+                next_step += 1
+
+        if role is connection.Role.CLIENT:
+            conn.send(forward.OpenSession("m", 0, 1, 8, "float32", 1))
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            while True:
+                try:
+                    event = conn.next_event()
+                except forward.FramingLost:
+                    assert conn.state is state.FAILED and conn.buffered == 0, "not failed"
+                    try:
+                        conn.next_event()
+                    except forward.FramingLost:
+                        log.append("lost")
+                        return log
+                    raise AssertionError("connection usable after FramingLost") from None
+                except ProtocolError as exc:
+                    assert not isinstance(exc, connection.LocalProtocolError), f"refused: {exc}"
+                    log.append((type(exc).__name__, str(exc), conn.state))
+                    answer(exc)
+                    continue
+                if event is None:
+                    break
+                log.append((event, conn.state))
+                answer(event)
+            if conn.state is not state.CLOSED:
+                assert conn.buffered <= forward.FRAME_PREFIX_LEN + max_frame, "over-buffered"
+        return log
+
+    def forward_connection(data: bytes) -> None:
+        # First byte: the role (bit 0) and the chunk size (the rest); then the peer's bytes,
+        # fed in those chunks. Fed all at once instead, they must give the same events.
+        if not data:
+            return
+        role = role_of[data[0] & 1]
+        step = (data[0] >> 1) + 1
+        body = data[1:]
+        chunked = drive(role, [body[i : i + step] for i in range(0, len(body), step)])
+        assert chunked == drive(role, [body]), "events depend on how the bytes were split"
+
+    def seed(role: int, chunk: int, *parts: forward.Message | bytes) -> bytes:
+        out = bytes([(chunk - 1) << 1 | role])
+        for p in parts:
+            out += p if isinstance(p, bytes) else forward.encode_frame(p)
+        return out
+
+    junk = b"\x00\x00\x00\x03\x81\xa1t"
+    return {
+        "forward_connection": Target(
+            forward_connection,
+            [
+                seed(
+                    1,
+                    7,
+                    forward.OpenSession("m", 0, 1, 8, "float32", 1),
+                    forward.Step(1, 0, tensor),
+                    junk,
+                    forward.OpenSession("m", 0, 1, 8, "float32", 1),
+                    forward.Step(2, 1, tensor),
+                    forward.CloseSession(),
+                ),
+                seed(
+                    0,
+                    13,
+                    forward.SessionOpened("s", 8, 0),
+                    forward.StepResult(1, tensor, 0.5),
+                    forward.ErrorReply("position", "m", 2),
+                    forward.StepResult(3, forward.TensorFrame("float32", (2, 1), bytes(8)), 1.0),
+                    forward.ErrorReply("malformed", "m", None),
+                ),
+                seed(1, 128, (max_frame + 1).to_bytes(4, "big") + bytes(max_frame + 1))
+                + forward.encode_frame(forward.Step(1, 0, tensor))
+                + (max_discard + 1).to_bytes(4, "big"),
+            ],
+            max_len=4096,
+        ),
+    }
 
 
 def _swarm_targets() -> dict[str, Target]:
@@ -271,7 +387,8 @@ def run_child(name: str, seconds: int, out: Path, libfuzzer_args: list[str]) -> 
         import protocol.forward
         import protocol.tensors
 
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(ImportError):  # in checkouts that have them
+            import protocol.connection
             import protocol.swarm  # noqa: F401
     from protocol.errors import ProtocolError
 

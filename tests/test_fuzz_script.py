@@ -23,12 +23,13 @@ def load_script() -> ModuleType:
     return module
 
 
-def test_short_run_executes_and_finds_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["decode_message", "forward_connection"])
+def test_short_run_executes_and_finds_nothing(tmp_path: Path, target: str) -> None:
     try:
         import atheris  # noqa: F401
     except ImportError as e:
         pytest.skip(f"atheris cannot be imported here: {e}")
-    args = ["--seconds", "5", "--target", "decode_message", "--out", str(tmp_path), "--json"]
+    args = ["--seconds", "5", "--target", target, "--out", str(tmp_path), "--json"]
     out = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
@@ -37,19 +38,21 @@ def test_short_run_executes_and_finds_nothing(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     [report] = json.loads(out.stdout)
-    assert report["target"] == "decode_message"
+    assert report["target"] == target
     assert report["executions"] > 0 and report["exec_per_s"] > 0
     assert report["cov"] > 0 and report["corpus"] > 0
     assert report["findings"] == []
     assert json.loads((tmp_path / "report.json").read_text()) == [report]
     # The seed corpus of valid encodings was written and grown.
-    assert len(list((tmp_path / "corpus" / "decode_message").iterdir())) >= 7
+    seeds = len(load_script().build_targets()[target].seeds)
+    assert len(list((tmp_path / "corpus" / target).iterdir())) >= max(seeds, 3)
 
 
 def test_every_target_builds_and_accepts_its_seeds() -> None:
     # The seeds are valid encodings: a target that rejects one has a broken seed or wrapper.
     targets = load_script().build_targets()
-    assert {"unpack_map", "decode_message", "frame_decoder", "ad_body"} <= set(targets)
+    expected = {"unpack_map", "decode_message", "frame_decoder", "ad_body", "forward_connection"}
+    assert expected <= set(targets)
     for name, target in targets.items():
         assert target.seeds, name
         for seed in target.seeds:

@@ -10,18 +10,21 @@ from typing import Any
 import torch
 import trio
 
+from agent.config import ClientConfig
 from agent.model.loading import torch_dtype
 from agent.model.wire import from_frame, to_frame
 from agent.net.framed import FramedStream, StreamGone
 from agent.policy.routing import Hop
 from agent.route.health import PeerHealth
-from agent.route.view import ClientConfig, LocalForward, MeshView
+from agent.route.view import LocalForward, MeshView
 from protocol import (
     FORWARD_PROTOCOL_ID,
     CloseSession,
     ErrorReply,
+    LocalProtocolError,
     OpenSession,
     ProtocolError,
+    Role,
     SessionOpened,
     Step,
     StepResult,
@@ -37,7 +40,12 @@ class HopError(Exception):
 
 # --- hops -----------------------------------------------------------------------------------
 class RemoteHop:
-    """One session on one remote peer over one libp2p stream, kept for the whole session."""
+    """One session on one remote peer over one libp2p stream, kept for the whole session.
+
+    The stream runs a client-role ForwardConnection (protocol.connection): OpenSession first,
+    one Step at a time, each answered by the StepResult with its number (and the shape sent)
+    or an ErrorReply; anything else from the peer is a HopError.
+    """
 
     def __init__(self, view: MeshView, hop: Hop, cfg: ClientConfig, health: PeerHealth) -> None:
         self.view = view
@@ -49,6 +57,7 @@ class RemoteHop:
         self._step_no = 0
 
     async def open(self, model_id: str, max_length: int, batch: int) -> None:
+        from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
         t0 = time.perf_counter()
@@ -59,10 +68,10 @@ class RemoteHop:
                     # one bootstrap peer, say): connect at the addresses it advertises.
                     await self.view.mesh.dial(self.view.peer_addrs(self.peer_id))
                 stream = await self.host.new_stream(
-                    ID.from_base58(self.peer_id), [FORWARD_PROTOCOL_ID]
+                    ID.from_base58(self.peer_id), [TProtocol(FORWARD_PROTOCOL_ID)]
                 )
-                self.framed = FramedStream(stream, max_frame=1 << 30)
-                await self.framed.send(
+                self.framed = FramedStream(stream, max_frame=1 << 30, role=Role.CLIENT)
+                await self.framed.send_event(
                     OpenSession(
                         model_id=model_id,
                         start=self.start,
@@ -72,7 +81,7 @@ class RemoteHop:
                         batch=batch,
                     )
                 )
-                reply = await self.framed.receive()
+                reply = await self.framed.next_event()
         except trio.TooSlowError:
             raise HopError(self.peer_id, "timed out opening a session") from None
         except (StreamGone, ProtocolError) as exc:
@@ -81,7 +90,7 @@ class RemoteHop:
             raise HopError(self.peer_id, f"cannot reach peer: {exc}") from None
         if isinstance(reply, ErrorReply):
             raise HopError(self.peer_id, f"refused the session: {reply.code}: {reply.message}")
-        if not isinstance(reply, SessionOpened):
+        if not isinstance(reply, SessionOpened):  # not reached: the connection checks it
             raise HopError(self.peer_id, f"unexpected reply {type(reply).__name__}")
         self.health.observe(self.peer_id, (time.perf_counter() - t0) * 1000)
 
@@ -92,21 +101,22 @@ class RemoteHop:
         t0 = time.perf_counter()
         try:
             with trio.fail_after(self.cfg.step_timeout_s):
-                await self.framed.send(Step(step=self._step_no, position=position, hidden=frame))
-                reply = await self.framed.receive()
+                await self.framed.send_event(
+                    Step(step=self._step_no, position=position, hidden=frame),
+                    expect_shape=frame.shape,
+                )
+                reply = await self.framed.next_event()
         except trio.TooSlowError:
             raise HopError(
                 self.peer_id, f"no answer within {self.cfg.step_timeout_s:g} s"
             ) from None
-        except (StreamGone, ProtocolError) as exc:
+        except (StreamGone, ProtocolError) as exc:  # out of order or the wrong shape included
             raise HopError(self.peer_id, str(exc)) from None
         if isinstance(reply, ErrorReply):
             raise HopError(self.peer_id, f"{reply.code}: {reply.message}")
-        if not isinstance(reply, StepResult) or reply.step != self._step_no:
+        if not isinstance(reply, StepResult):  # not reached: the connection checks it
             raise HopError(self.peer_id, "answered out of order")
         out = from_frame(reply.hidden, device="cpu")
-        if out.shape != hidden.shape:
-            raise HopError(self.peer_id, f"returned shape {list(out.shape)}")
         self.health.observe(self.peer_id, (time.perf_counter() - t0) * 1000 - reply.elapsed_ms)
         return out
 
@@ -114,8 +124,8 @@ class RemoteHop:
         if self.framed is None:
             return
         with trio.move_on_after(1):
-            with contextlib.suppress(StreamGone):
-                await self.framed.send(CloseSession())
+            with contextlib.suppress(StreamGone, LocalProtocolError):
+                await self.framed.send_event(CloseSession())
         await self.framed.close()
         self.framed = None
 

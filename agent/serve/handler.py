@@ -1,8 +1,11 @@
 """The forward protocol's server side: one libp2p stream, one session, until it closes.
 
-Every frame is paced per peer (requests/s and bytes/s) before any work, checked by the
-serving part, and answered; a bad frame gets an ErrorReply and the stream goes on, a peer
-that keeps ignoring its rate limit loses the stream. Everyone else notices nothing.
+The stream runs a server-role ForwardConnection (protocol.connection): it parses the frames
+and keeps the conversation's order (an OpenSession first, Steps only in an open session, one
+answer each). Every frame is paced per peer (requests/s and bytes/s) before any work, checked
+by the serving part, and answered; a bad frame or a message out of order gets an ErrorReply
+and the stream goes on, a peer that keeps ignoring its rate limit loses the stream, and so
+does one whose frame is over every size limit. Everyone else notices nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from agent.serve.sessions import Session
 from protocol import (
     CloseSession,
     ErrorReply,
-    FrameTooLarge,
     OpenSession,
+    OutOfOrder,
     ProtocolError,
+    Role,
     SessionOpened,
     Step,
     StepResult,
@@ -64,20 +68,22 @@ class StreamHandler:
     async def _serve_stream(self, stream: Any, scope: trio.CancelScope) -> None:
         serving = self.serving
         peer = stream.muxed_conn.peer_id.to_base58()
-        framed = FramedStream(stream, max_frame=self.limits.max_frame_bytes)
+        framed = FramedStream(stream, max_frame=self.limits.max_frame_bytes, role=Role.SERVER)
         session: Session | None = None
         charged = 0  # bytes of this stream already charged to the peer's byte rate
         try:
             while True:
                 with trio.move_on_after(self.limits.session_idle_timeout) as idle:
                     try:
-                        msg = await framed.receive()
-                    except ProtocolError as exc:  # FrameTooLarge included
+                        msg = await framed.next_event()
+                    except ProtocolError as exc:  # undecodable, oversized, out of order
                         # A frame that does not decode still costs the peer a request and
                         # its bytes: garbage is paced like anything else.
                         nbytes, charged = framed.bytes_in - charged, framed.bytes_in
-                        code = "too_large" if isinstance(exc, FrameTooLarge) else exc.code
-                        if not await self._refuse_frame(framed, peer, nbytes, code, str(exc)):
+                        step = exc.step if isinstance(exc, OutOfOrder) else None
+                        if not await self._refuse_frame(
+                            framed, peer, nbytes, exc.code, str(exc), step
+                        ):
                             return
                         continue
                 if idle.cancelled_caught:
@@ -88,9 +94,9 @@ class StreamHandler:
                 nbytes, charged = framed.bytes_in - charged, framed.bytes_in
                 try:
                     await self._pace(peer, nbytes)
+                    # The connection lets through only an OpenSession with no session open
+                    # and a Step in an open one.
                     if isinstance(msg, OpenSession):
-                        if session is not None:
-                            raise RequestRejected("bad_request", "a session is already open")
                         session = serving.open_session(peer, msg)
                         session.stream, session.handler = stream, scope
                         reply: Any = SessionOpened(
@@ -100,7 +106,7 @@ class StreamHandler:
                         )
                     elif isinstance(msg, Step):
                         reply = await serving.run_step(session, msg)
-                    else:
+                    else:  # not reached: the connection reports anything else as OutOfOrder
                         raise RequestRejected("bad_request", f"unexpected {type(msg).__name__}")
                 except RequestRejected as exc:
                     step = msg.step if isinstance(msg, Step) else None
@@ -108,7 +114,7 @@ class StreamHandler:
                         return
                     continue
                 with trio.fail_after(WRITE_TIMEOUT_S):
-                    await framed.send(reply)
+                    await framed.send_event(reply)
         except (StreamGone, trio.TooSlowError) as exc:
             log.debug("stream from %s ended: %s", peer, exc)
         finally:
@@ -117,14 +123,21 @@ class StreamHandler:
             await framed.close()
 
     async def _refuse_frame(
-        self, framed: FramedStream, peer: str, nbytes: int, code: str, message: str
+        self,
+        framed: FramedStream,
+        peer: str,
+        nbytes: int,
+        code: str,
+        message: str,
+        step: int | None,
     ) -> bool:
-        """Answer an undecodable frame after pacing it; False: drop the peer's stream."""
+        """Answer an undecodable frame or a message out of order after pacing it; False: drop
+        the peer's stream."""
         try:
             await self._pace(peer, nbytes)
         except RequestRejected as exc:
             code, message = exc.code, str(exc)
-        return await self._refuse(framed, peer, code, message, None)
+        return await self._refuse(framed, peer, code, message, step)
 
     async def _refuse(
         self, framed: FramedStream, peer: str, code: str, message: str, step: int | None
@@ -152,4 +165,4 @@ class StreamHandler:
     ) -> None:
         self.errors_sent[code] = self.errors_sent.get(code, 0) + 1
         with trio.fail_after(WRITE_TIMEOUT_S):
-            await framed.send(ErrorReply(code=code, message=message[:1000], step=step))
+            await framed.send_event(ErrorReply(code=code, message=message[:1000], step=step))
