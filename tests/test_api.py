@@ -311,3 +311,98 @@ def test_agent_with_api_stops_cleanly(tmp_path: Path) -> None:
             assert agent.stop() == 0, agent.log()
     finally:
         agent.kill()
+
+
+# --- hostile web pages and other local users (docs/SECURITY.md, "The HTTP API") ----------------
+def _served(mesh: Mesh) -> tuple[int, int, float]:
+    tokens = _scrape(mesh).get(("shardmesh_api_tokens_total", (("kind", "completion"),)), 0.0)
+    return mesh.api.status()["tokens_served"], mesh.other.status()["tokens_served"], tokens
+
+
+def test_a_form_post_is_refused_and_starts_no_generation(mesh: Mesh) -> None:
+    """A cross-site page can make the browser POST a form, or `text/plain` that reads as
+    JSON, without asking: both get 415 in OpenAI's format, and nothing is generated."""
+    auth = {"Authorization": f"Bearer {KEY}"}  # past the key check, to reach the body's
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    before = _served(mesh)
+    labels = (("endpoint", "/v1/completions"), ("status", "415"))
+    requests_415 = ("shardmesh_api_requests_total", labels)
+    counted = _scrape(mesh).get(requests_415, 0.0)
+    form = httpx.post(f"{mesh.url}/v1/completions", data=body, headers=auth)
+    plain = httpx.post(
+        f"{mesh.url}/v1/completions",
+        content=json.dumps(body),
+        headers={**auth, "Content-Type": "text/plain"},
+    )
+    chat = httpx.post(
+        f"{mesh.url}/v1/chat/completions",
+        content=json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 4}),
+        headers=auth,  # no Content-Type at all
+    )
+    for r in (form, plain, chat):
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    assert _served(mesh) == before
+    assert _scrape(mesh)[requests_415] == counted + 2
+    # The same request as JSON runs.
+    ok = httpx.post(f"{mesh.url}/v1/completions", json=body, headers=auth, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_foreign_host_is_refused_and_the_listen_names_pass(mesh: Mesh) -> None:
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 still sends its own name."""
+    port = mesh.url.rpartition(":")[2]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1", f"localhost:{int(port) + 1}"):
+        client = openai.OpenAI(
+            base_url=f"{mesh.url}/v1", api_key=KEY, max_retries=0, default_headers={"Host": host}
+        )
+        with pytest.raises(openai.APIStatusError) as info:
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+        assert info.value.status_code == 421, host
+        assert info.value.code == "misdirected_request"
+        # Before the key check: a rebound page learns nothing from it, key or no key.
+        assert httpx.get(f"{mesh.url}/metrics", headers={"Host": host}).status_code == 421
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LocalHost:{port}"):
+        client = openai.OpenAI(
+            base_url=f"{mesh.url}/v1", api_key=KEY, max_retries=0, default_headers={"Host": host}
+        )
+        assert [m.id for m in client.models.list().data] == [MODEL], host
+
+
+def test_require_key_without_a_key_file_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "api.toml"
+    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{free_port()}"\nrequire_key = true\n')
+    out = cli("up", "--state-dir", str(tmp_path / "s"), "--config", str(cfg), timeout=30)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "api.require_key" in lines[0] and "api.key_file" in lines[0]
+
+
+def test_require_key_on_loopback_wants_the_key_everywhere(tmp_path: Path) -> None:
+    """An agent of its own (API only, no model), so the module's mesh is not touched."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY}\n")
+    os.chmod(keys, 0o600)
+    port = free_port()
+    cfg = tmp_path / "api.toml"
+    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{port}"\nkey_file = "{keys}"\nrequire_key = true\n')
+    agent = Agent(tmp_path / "solo", ["--config", str(cfg)])
+    try:
+        agent.start()
+        url = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(f"{url}{path}")
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        authed = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(f"{url}/metrics", headers=authed).status_code == 200
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        assert good.models.list().data == []  # no model here: an empty list, not a 401
+        assert agent.stop() == 0, agent.log()
+    finally:
+        agent.kill()

@@ -631,3 +631,25 @@ def test_installer_refuses_bad_arguments(tmp_path: Path) -> None:
         out = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True)
         assert out.returncode == code and text in out.stderr, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def _percent(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)%", value)
+    assert match, f"{value!r}: expected a share of RAM, e.g. 80%"
+    return float(match.group(1))
+
+
+def test_unit_caps_memory_and_tasks() -> None:
+    """A peer that fills memory meets the unit's own cap, not the host's OOM killer: a share
+    of RAM, with MemoryHigh= (reclaim, slow down) below MemoryMax= (kill in the cgroup; the
+    unit restarts); TasksMax= leaves torch's threads headroom (a serving agent runs about two
+    threads per torch thread plus a few dozen). The README says how to change them."""
+    service = _unit()["Service"]
+    high, most = _percent(service["MemoryHigh"]), _percent(service["MemoryMax"])
+    assert 50 <= high < most < 100
+    assert 256 <= int(service["TasksMax"]) <= 4096
+    assert service["Restart"] == "on-failure"  # an agent killed at MemoryMax comes back
+    readme = (REPO / "README.md").read_text()
+    for key in ("MemoryMax=", "MemoryHigh=", "TasksMax="):
+        assert key in readme, key
+    assert "systemctl edit shardmesh" in UNIT.read_text()

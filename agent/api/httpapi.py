@@ -10,6 +10,12 @@ close at once instead of running to max_tokens.
 Starlette does routing and request parsing; a generation writes its own ASGI messages, so
 the disconnect watch, the stream and its errors live in one nursery.
 
+In front of every route (`_Front`, docs/SECURITY.md): the Host header must name the API
+(`HostNames`: api.listen, localhost on loopback, api.server_names), else 421, so a web page
+whose name was rebound to 127.0.0.1 gets nothing; then the bearer key, where keys are set.
+A POST body must say it is JSON (`Content-Type: application/json`), else 415: a browser
+sends a cross-site form or `text/plain` POST without asking, never a JSON one.
+
 The API knows the agent only through `ApiNode` (the daemon's Node provides it): agent.api
 never imports the daemon.
 """
@@ -57,7 +63,8 @@ from agent.api.responses import (
     api_error_response,
     http_error_response,
 )
-from agent.config import AgentConfig, ApiConfig, ClientConfig, api_address
+from agent.config import AgentConfig, ApiConfig, ClientConfig, api_address, is_loopback
+from agent.config.validation import parse_server_name
 from agent.errors import ShardmeshError
 from agent.route.view import MeshView
 
@@ -71,6 +78,8 @@ log = logging.getLogger("shardmesh.api")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # Paths counted under their own label in shardmesh_api_requests; anything else is "other".
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics")
+JSON_TYPE = "application/json"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 class ApiNode(MeshView, MetricsSource, Protocol):
     """What the API reads of the agent: the mesh view its generations route over, the head
@@ -98,7 +107,10 @@ class ApiServer:
         self.cfg = cfg
         self.client = client or ClientConfig()  # the agent's [client] table
         self.session_tokens = session_tokens  # limits.max_session_tokens: peers usually share it
+        if cfg.require_key and not keys:  # validation refuses this config; never serve it
+            raise ShardmeshError("api.require_key: no bearer keys: set api.key_file")
         self.keys = keys
+        self.hosts = HostNames(cfg)  # serve_api sets the bound port when api.listen asks for 0
         self.models = ApiModels(checkpoints, node.known_models, node.coverage)
         self.metrics = ApiMetrics(node, self._failovers)
         self.in_flight = 0
@@ -271,6 +283,7 @@ def _context(config: Any, session_limit: int) -> int:
 
 
 async def _read_json(request: Request) -> Any:
+    check_json_type(request.headers.get("content-type"))  # before a byte of the body is read
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -282,9 +295,77 @@ async def _read_json(request: Request) -> Any:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
+def check_json_type(content_type: str | None) -> None:
+    """ApiError 415 unless `content_type` is `application/json` (parameters such as
+    `charset` allowed). A cross-site page can make the browser POST a form or `text/plain`
+    (even one that reads as JSON) to a loopback API without asking anyone: only a JSON
+    Content-Type proves the request came from a client that meant it (CSRF)."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media != JSON_TYPE:
+        got = f"got {content_type!r}" if content_type else "got none"
+        raise ApiError(
+            415,
+            f"the request body must be JSON sent as Content-Type: {JSON_TYPE} ({got})",
+            code="unsupported_media_type",
+        )
+
+
+class HostNames:
+    """The Host header values the API answers to. DNS rebinding points a web page's own
+    name at 127.0.0.1, so the browser sends that name: a loopback API answers only to
+    api.listen's host and port, localhost, 127.0.0.1 and [::1] at that port, and the names in
+    api.server_names (NAME: any port; NAME:PORT). Off loopback (where keys are required
+    anyway) the check is on once api.server_names is set; the listen address counts, and a
+    wildcard bind's loopback names."""
+
+    def __init__(self, api: ApiConfig, port: int | None = None) -> None:
+        host, listen_port = api_address(api)
+        self.port = listen_port if port is None else port
+        listen = f"[{host}]" if ":" in host else host
+        loopback = is_loopback(host)
+        wildcard = host in ("0.0.0.0", "::")
+        self.enforced = loopback or bool(api.server_names)
+        names: list[tuple[str, int | None]] = []
+        if not wildcard:
+            names.append(parse_server_name(f"{listen}:{self.port}"))
+        if loopback or wildcard:
+            names += [(name, self.port) for name in LOOPBACK_NAMES]
+        names += [parse_server_name(name) for name in api.server_names]
+        self.names = tuple(dict.fromkeys(names))  # in order, once each
+
+    def allows(self, value: str) -> bool:
+        """True if a Host header of `value` names this API (no port: 80, as in a URL)."""
+        if not self.enforced:
+            return True
+        try:
+            name, port = parse_server_name(value.strip())
+        except ValueError:
+            return False
+        port = 80 if port is None else port
+        return (name, port) in self.names or (name, None) in self.names
+
+    def describe(self) -> str:
+        return ", ".join(name if port is None else f"{name}:{port}" for name, port in self.names)
+
+    def refusal(self, values: list[str]) -> ApiError | None:
+        """The error for a request with these Host headers, or None if it may go on."""
+        if not self.enforced:
+            return None
+        if len(values) != 1:
+            return ApiError(400, "a request needs exactly one Host header", code="bad_host")
+        if self.allows(values[0]):
+            return None
+        return ApiError(
+            421,
+            f"this API answers to Host {self.describe()} (api.listen, api.server_names), "
+            f"not {values[0]!r}",
+            code="misdirected_request",
+        )
+
+
 # --- ASGI pieces -------------------------------------------------------------------------------
 class _Front:
-    """Bearer-key check and request counting in front of every route."""
+    """Host check, bearer-key check and request counting in front of every route."""
 
     def __init__(self, server: ApiServer, app: Starlette) -> None:
         self.server = server
@@ -305,8 +386,14 @@ class _Front:
             await send(message)
 
         try:
+            headers = Headers(scope=scope)
+            refused = self.server.hosts.refusal(headers.getlist("host"))
+            if refused is not None:
+                response = JSONResponse(refused.body(), refused.status)
+                await response(scope, receive, counting_send)
+                return
             keys = self.server.keys
-            if keys and not check_bearer(Headers(scope=scope).get("authorization"), keys):
+            if keys and not check_bearer(headers.get("authorization"), keys):
                 err = ApiError(
                     401,
                     "a valid API key is required (Authorization: Bearer KEY)",
@@ -351,7 +438,15 @@ async def serve_api(
         except OSError as exc:
             raise ShardmeshError(f"api.listen: cannot listen on {api.listen}: {exc}") from None
         url = binds[0] if binds else f"http://{config.bind[0]}"
+        if port == 0:  # the port hypercorn picked is the one Host headers name
+            server.hosts = HostNames(api, int(url.rpartition(":")[2]))
         log.info("API listening on %s%s", url, " (bearer keys required)" if keys else "")
+        if not server.hosts.enforced:
+            log.info(
+                "the API answers to any Host name on %s (bearer keys guard it); list the "
+                "names clients use in api.server_names to refuse the others",
+                api.listen,
+            )
         if not checkpoints:
             log.warning("the API has no local checkpoint to run: set --model or api.model_dirs")
         task_status.started(url)

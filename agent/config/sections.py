@@ -36,8 +36,19 @@ class LimitsConfig:
     per_peer_sessions: int = 16
     per_peer_requests_per_s: float = 1000.0
     per_peer_bytes_per_s: float = 256.0 * 1024 * 1024
-    # KV-cache tokens one peer may reserve; 0 = half the agent's KV budget.
+    # KV-cache tokens one peer may reserve; 0 = per_peer_kv_share of the agent's KV budget.
     per_peer_kv_tokens: int = 0
+    # Forward streams one peer may hold open at once; one more is reset at once.
+    per_peer_streams: int = 8
+    # The share of max_sessions one peer may hold (never fewer than 4 sessions, never more
+    # than per_peer_sessions), and of the KV budget when per_peer_kv_tokens is 0: a quarter
+    # each, so that two peer ids cannot take the whole agent.
+    per_peer_session_share: float = 0.25
+    per_peer_kv_share: float = 0.25
+    # The peer table (agent.policy.peertable): entries it holds (the least recently heard
+    # unprotected peer makes room), and new peer ids one relaying peer may introduce a minute.
+    max_known_peers: int = 1024
+    new_peers_per_minute: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,12 @@ class ApiConfig:
     model_dirs: tuple[Path, ...] = ()  # local checkpoints for the embeddings/head/tokenizer
     max_concurrent: int = 4  # generations at once; more get 429
     request_timeout: float = 600.0
+    # Bearer keys on every route even on loopback: without key_file the agent will not start.
+    require_key: bool = False
+    # Host header names the API answers to besides api.listen's own (and localhost, 127.0.0.1,
+    # [::1] on a loopback bind): NAME (any port) or NAME:PORT, e.g. a reverse proxy's name.
+    # Other Host names get 421 (DNS rebinding); off loopback the check is on once this is set.
+    server_names: tuple[str, ...] = ()
 
 
 def _key(name: str | None) -> Any:

@@ -56,6 +56,7 @@ def validate(cfg: AgentConfig) -> None:
         "max_connections",
         "per_peer_connections",
         "per_peer_sessions",
+        "per_peer_streams",
     ):
         if getattr(lim, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
@@ -63,7 +64,12 @@ def validate(cfg: AgentConfig) -> None:
         if getattr(lim, key) <= 0:
             raise ConfigError(f"limits.{key}: must be positive")
     if lim.per_peer_kv_tokens < 0:
-        raise ConfigError("limits.per_peer_kv_tokens: must be 0 (half the budget) or positive")
+        raise ConfigError(
+            "limits.per_peer_kv_tokens: must be 0 (per_peer_kv_share of the budget) or positive"
+        )
+    for key in ("per_peer_session_share", "per_peer_kv_share"):
+        if not 0 < getattr(lim, key) <= 1:
+            raise ConfigError(f"limits.{key}: a share, in (0, 1]")
     _validate_swarm(cfg.swarm)
     _validate_idle(cfg.idle)
     _validate_api(cfg.api)
@@ -110,6 +116,48 @@ def _validate_api(api: ApiConfig) -> None:
         raise ConfigError("api.max_concurrent: must be at least 1")
     if api.request_timeout <= 0:
         raise ConfigError("api.request_timeout: must be positive")
+    if api.require_key and api.key_file is None:
+        raise ConfigError(
+            "api.require_key: the API must want bearer keys, but no key file is set: "
+            "set api.key_file (--api-key-file)"
+        )
+    for name in api.server_names:
+        try:
+            parse_server_name(name)
+        except ValueError:
+            raise ConfigError(
+                f"api.server_names: {name!r} is not NAME or NAME:PORT (as in a Host header: "
+                "no scheme, path or wildcard)"
+            ) from None
+
+
+def parse_server_name(text: str) -> tuple[str, int | None]:
+    """A Host header's value, or an `api.server_names` entry: `NAME`, `NAME:PORT`, `[V6]`
+    or `[V6]:PORT` (a bare `V6` address too) -> (name, port or None). Names are lowercased,
+    IPv6 addresses written compressed in brackets. ValueError for anything else."""
+    import ipaddress
+
+    text = text.lower()
+    if text.count(":") > 1 and not text.startswith("["):
+        name, rest = f"[{text}]", ""  # a bare IPv6 address (server_names only, in practice)
+    elif text.startswith("["):
+        end = text.find("]")
+        name, rest = text[: end + 1], text[end + 1 :]
+    else:
+        name, sep, port = text.partition(":")
+        rest = sep + port
+    if name.startswith("["):
+        name = f"[{ipaddress.IPv6Address(name[1:-1]).compressed}]"  # ValueError if not one
+    elif not name or not all(c.isascii() and (c.isalnum() or c in "-._") for c in name):
+        raise ValueError(f"not a host name: {text!r}")
+    if not rest:
+        return name, None
+    digits = rest[1:]
+    if rest[0] != ":" or not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"not a port: {text!r}")
+    if not 0 < int(digits) <= 65535:
+        raise ValueError(f"not a port: {text!r}")
+    return name, int(digits)
 
 
 def validate_client(client: ClientConfig) -> None:
