@@ -51,7 +51,10 @@ MAX_DEVICES = 64
 MAX_NAME_LEN = 256
 MAX_PEER_ID_LEN = 128
 MAX_REASON_LEN = 512
-MAX_BLOCKS = 1 << 20
+# Blocks a model may have: the deepest open models have ~100-200 transformer blocks. A
+# realistic bound keeps everything per block (coverage, `peers --json` replicas) small.
+# protocol.forward.MAX_BLOCK_INDEX is the same number.
+MAX_BLOCKS = 4096
 MAX_COUNT = (1 << 63) - 1
 MAX_THROUGHPUT = 1e15
 # Generous upper bound on unix time (year ~2255): rejects absurd values without a clock.

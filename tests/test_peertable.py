@@ -46,3 +46,26 @@ def test_spans_and_models_snapshot() -> None:
     }
     assert t.spans_for("other") == []
     assert t.models() == {"tiny-llama@ab12cd34": ("tiny-llama", 8)}
+
+
+def test_table_bounded_with_protected_peers_kept() -> None:
+    from agent.policy.peertable import TableLimits
+
+    connected = {"p0"}
+    t = PeerTable("me", TableLimits(max_peers=10), protected=connected.__contains__)
+    for i in range(100):
+        t.update(_ad(f"p{i}"), now=float(i))
+    assert len(t) == 10 and "p0" in t  # protected: stays though heard first
+    assert {e.ad.peer_id for e in t} == {"p0", *(f"p{i}" for i in range(91, 100))}
+    assert t.evicted == 90
+
+
+def test_expiry_honours_at_most_our_ttl_cap() -> None:
+    from agent.policy.peertable import TableLimits
+
+    t = PeerTable("me", TableLimits(max_ttl=100.0))
+    t.update(ad("a", ttl=3600.0), now=0.0)
+    connected = {"a"}.__contains__
+    assert t.expire(99.9, connected) == []
+    assert t.expire(150.0, connected) == []  # connected: one more (capped) TTL
+    assert t.expire(200.0, connected) == ["a"]  # not 7,200 s

@@ -265,3 +265,66 @@ def test_choose_span_is_a_valid_window(
     # never passes over a least-covered block it could have taken instead
     before = coverage([s for s in others if s.peer_id != self_id], n_blocks)
     assert min(before[start:end]) == min(before)
+
+
+# --- the sweep over span endpoints (issue "Valid signatures, hostile values") -------------------
+
+
+def _naive_counts(spans: list[PeerSpan], n_blocks: int, states: frozenset[str]) -> list[int]:
+    return [
+        sum(1 for s in spans if s.state in states and s.start <= b < s.end) for b in range(n_blocks)
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spans=st.lists(peer_spans(), max_size=10),
+    n_blocks=st.integers(0, 45),
+    routable=st.booleans(),
+)
+def test_coverage_runs_match_a_per_block_count(
+    spans: list[PeerSpan], n_blocks: int, routable: bool
+) -> None:
+    import itertools
+
+    from agent.policy.placement import coverage_runs
+    from agent.policy.snapshot import ROUTABLE_STATES, SERVING_STATES
+
+    states = ROUTABLE_STATES if routable else SERVING_STATES
+    runs = coverage_runs(spans, n_blocks, states)
+    expanded = [count for start, end, count in runs for _ in range(start, end)]
+    assert expanded == _naive_counts(spans, n_blocks, states) == coverage(spans, n_blocks, states)
+    # Runs tile [0, n_blocks) in order, neighbours differ.
+    assert [r[0] for r in runs[1:]] == [r[1] for r in runs[:-1]]
+    assert all(a[2] != b[2] for a, b in itertools.pairwise(runs))
+
+
+@settings(max_examples=300, deadline=None)
+@given(spans=st.lists(peer_spans(), max_size=10), n_blocks=st.integers(1, 45))
+def test_block_throughput_sweep_is_exactly_fsum(spans: list[PeerSpan], n_blocks: int) -> None:
+    import math
+
+    from agent.policy.placement import _block_throughput, _window_sums
+
+    got = _block_throughput(spans, n_blocks)
+    counted = [s for s in spans if s.state in ("online", "joining") and s.start < n_blocks]
+    want = [
+        math.fsum(s.throughput / s.length for s in counted if s.start <= b < s.end)
+        for b in range(n_blocks)
+    ]
+    assert got == want  # bit for bit: ties stay ties
+    for length in {1, n_blocks, max(1, n_blocks // 3)}:
+        sums = _window_sums(got, length)
+        assert sums == [math.fsum(got[i : i + length]) for i in range(n_blocks - length + 1)]
+
+
+def test_hostile_spans_cost_nothing_per_claimed_block() -> None:
+    """Spans claiming far more blocks than the model has count for the blocks that exist,
+    and placement over thousands of them stays quick (it ran O(peers * blocks) before)."""
+    import time
+
+    others = [span(f"h{i}", 0, 10**9, throughput=1.0) for i in range(3000)]
+    t0 = time.perf_counter()
+    assert coverage(others, 100) == [3000] * 100
+    choose_span(others, 100, 10, self_id="me")
+    assert time.perf_counter() - t0 < 3.0

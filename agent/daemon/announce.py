@@ -3,7 +3,11 @@
 An ad carries the lifecycle's state and reason, the devices, and (when serving) the model, the
 span, throughput, free KV room and load. The announce loop publishes on deadlines, every
 `announce_interval` stretched so the whole mesh stays under MESH_AD_RATE ads/s; the TTL is at
-least TTL_PER_INTERVAL intervals. State changes publish at once through `publish_ad`.
+least TTL_PER_INTERVAL intervals. Both stay inside the protocol's bounds (the TTL at most
+MAX_TTL, the interval at most MAX_TTL / TTL_PER_INTERVAL) whatever the peer table holds:
+agent.policy.peertable's `announce_interval` and `announce_ttl`. State changes publish at once
+through `publish_ad`. A failing device scan or publish is logged and counted, never the end of
+the loop.
 """
 
 from __future__ import annotations
@@ -21,18 +25,20 @@ from agent.config import AnnounceConfig
 from agent.daemon.lifecycle import Lifecycle
 from agent.hw.devices import DeviceReport
 from agent.net.mesh import Mesh
+from agent.policy.peertable import (
+    MESH_AD_RATE,
+    TTL_PER_INTERVAL,
+    announce_interval,
+    announce_ttl,
+)
 from protocol import CapacityAd, DeviceSummary, encode_signed_ad
 from protocol.ids import PROTOCOL_VERSION
 
 log = logging.getLogger("shardmesh.agent")
 
 DEVICE_REFRESH_S = 5.0  # NVML/psutil readings in ads: fresh enough, and cheap
-# Mesh-wide capacity ads per second we aim to stay under. py-libp2p's gossipsub delivered
-# ads in ~25-80 ms at up to ~6 ads/s mesh-wide on a 2-core box, but at 17 ads/s (17 agents
-# announcing every second) delivery fell to seconds and tables flapped (see the note).
-# So each agent stretches its interval as the mesh grows, and its TTL with it.
-MESH_AD_RATE = 5.0
-TTL_PER_INTERVAL = 4.0
+# MESH_AD_RATE and TTL_PER_INTERVAL (agent.policy.peertable) are named here too.
+__all__ = ["MESH_AD_RATE", "TTL_PER_INTERVAL", "Advertised", "Announcer"]
 
 
 class Advertised(Protocol):
@@ -79,15 +85,28 @@ class Announcer:
         self.devices = devices
         self.serving: Advertised | None = None
         self.refresh_devices: Callable[[], Awaitable[None]] | None = None
+        # Failures of the loop's steps, by step ("refresh", "publish"); each kind of failure
+        # is logged as a warning once, then at debug level.
+        self.failures: dict[str, int] = {}
+        self._logged: set[tuple[str, str]] = set()
         # Ad sequence numbers start from the wall clock in ms, so a restarted agent (same
         # peer id) continues above the numbers its previous run used.
         self._seq = int(time.time() * 1000)
 
     def interval(self) -> float:
-        return max(self.cfg.announce_interval, (len(self.peers) + 1) / MESH_AD_RATE)
+        return announce_interval(self.cfg.announce_interval, len(self.peers))
 
     def ttl(self) -> float:
-        return max(self.cfg.ad_ttl, TTL_PER_INTERVAL * self.interval())
+        return announce_ttl(self.cfg.ad_ttl, self.interval())
+
+    def _failed(self, step: str, exc: Exception) -> None:
+        self.failures[step] = self.failures.get(step, 0) + 1
+        kind = (step, type(exc).__name__)
+        if kind in self._logged or len(self._logged) >= 64:
+            log.debug("announce: %s failed again: %s", step, exc)
+            return
+        self._logged.add(kind)
+        log.warning("announce: %s failed (logged once per kind): %s", step, exc)
 
     def build_ad(self, state: str | None = None) -> CapacityAd:
         self._seq += 1
@@ -119,19 +138,23 @@ class Announcer:
     async def run(self) -> None:
         """Publish an ad every interval, on deadlines: a slow publish or device scan must
         not stretch the period (peers would see the ad late and expire us)."""
-        refreshed = time.monotonic()
+        refreshed = trio.current_time()
         deadline = trio.current_time()
         while True:
-            refresh = self.refresh_devices
-            if refresh is not None and time.monotonic() - refreshed >= DEVICE_REFRESH_S:
-                await refresh()
-                refreshed = time.monotonic()
             interval = self.interval()
+            refresh = self.refresh_devices
+            if refresh is not None and trio.current_time() - refreshed >= DEVICE_REFRESH_S:
+                refreshed = trio.current_time()
+                with trio.move_on_after(interval):
+                    try:
+                        await refresh()
+                    except Exception as exc:  # the last readings stay in the ads
+                        self._failed("refresh", exc)
             with trio.move_on_after(interval):
                 try:
                     await self.publish_ad()
                 except Exception as exc:  # a publish failure must not kill the agent
-                    log.warning("publishing the capacity ad failed: %s", exc)
+                    self._failed("publish", exc)
             # Jitter keeps many agents started together from publishing in lockstep.
             deadline = max(deadline + interval * random.uniform(0.9, 1.1), trio.current_time())
             await trio.sleep_until(deadline)

@@ -30,14 +30,14 @@ from agent.api import control
 from agent.config import AgentConfig
 from agent.daemon import service, views
 from agent.daemon.announce import Announcer
-from agent.daemon.discovery import Discovery
+from agent.daemon.discovery import Discovery, LoopErrors
 from agent.daemon.idlewatch import IdleWatch
 from agent.daemon.lifecycle import Lifecycle
 from agent.errors import ShardmeshError
 from agent.hw.devices import DeviceReport, discover
 from agent.net.identity import load_or_create_identity, private_seed
 from agent.net.mesh import Mesh, open_mesh
-from agent.policy.peertable import PeerTable
+from agent.policy.peertable import INTAKE_REASONS, AdIntake, PeerTable, RelayBudget, TableLimits
 from agent.policy.snapshot import PeerSpan
 from agent.route.view import LocalForward
 
@@ -59,12 +59,22 @@ class Node:
         self.host: IHost = mesh.host
         self.self_id: str = mesh.peer_id
         self.local: LocalForward | None = None  # the agent's own blocks as a hop, once serving
-        self.table = PeerTable(mesh.peer_id)
+        # The peer table is bounded; eviction spares peers we are connected to and peers
+        # that served our generations. New peer ids are charged to the peer relaying them.
+        limits = TableLimits.from_config(cfg.limits)
+        self.table = PeerTable(mesh.peer_id, limits, protected=self._protected)
+        mesh.intake = AdIntake(
+            self.table, RelayBudget(limits.new_peers_per_minute), self.model_blocks
+        )
+        for reason in INTAKE_REASONS:
+            mesh.validator.rejected.setdefault(reason, 0)
+        self.views = views.PeerViews(self.table)
+        self.loop_errors = LoopErrors()
         self.device_report: DeviceReport | None = None
         self.serving: Serving | None = None
         self.idle: IdleWatch | None = None  # set when [idle] is enabled and a model is served
         self.lifecycle = Lifecycle(self)
-        self.discovery = Discovery(cfg.discovery, mesh, self.table)
+        self.discovery = Discovery(cfg.discovery, mesh, self.table, self.loop_errors)
         self.announcer = Announcer(
             cfg.announce, mesh, key, self.table, self.lifecycle, self.devices
         )
@@ -135,6 +145,18 @@ class Node:
     def peer_addrs(self, peer_id: str) -> list[str]:
         return self.table.addrs(peer_id)
 
+    # --- what the peer table and the ad intake ask ----------------------------------------
+    def _protected(self, peer_id: str) -> bool:
+        """Peers the table never evicts to make room: connected ones, ones that served us."""
+        health = self._health
+        return self.mesh.is_connected(peer_id) or (health is not None and peer_id in health.rtt_ms)
+
+    def model_blocks(self, model_id: str) -> int | None:
+        """The block count of a model this agent knows (serves), else None: an ad for it
+        with another count is refused."""
+        s = self.serving
+        return s.n_blocks if s is not None and s.model_id == model_id else None
+
     # --- what the control API, the HTTP API, /metrics and systemd read -------------------------
     @property
     def state(self) -> str:
@@ -156,21 +178,34 @@ class Node:
         return (entry.ad.state for entry in self.table)
 
     def status(self) -> dict[str, Any]:
+        errors = dict(self.loop_errors.counts)
+        errors["announce"] = sum(self.announcer.failures.values())
+        errors["ad_handler"] = self.mesh.ad_handler_errors
+        errors["ad_validator"] = self.mesh.validate_errors
         return views.status(
-            self.mesh, self.table, self.lifecycle, self.device_report, self.serving, self.idle
+            self.mesh,
+            self.table,
+            self.lifecycle,
+            self.device_report,
+            self.serving,
+            self.idle,
+            loop_errors=errors,
         )
 
     def peers(self) -> dict[str, Any]:
-        return views.peers(self.mesh, self.table, self.coverage())
+        return views.peers(self.mesh, self.table, self.coverage(), self.views)
 
     def coverage(self) -> list[dict[str, Any]]:
-        """Per model: how many times each block is served (online peers, this node included)."""
-        models = self.table.models()
-        if self.serving:
-            models.setdefault(
-                self.serving.model_id, (self.serving.model_name, self.serving.n_blocks)
-            )
-        return views.model_coverage(models, self.spans)
+        """Per model: how many times each block is served (online peers, this node included).
+        Built once per change of the table or of this agent's own span (views.PeerViews)."""
+        s = self.serving
+        if s is None:
+            return self.views.coverage(None)
+        row = None
+        if s.shard is not None:
+            # Only the span and the state count for coverage: a key that changes with them.
+            row = PeerSpan(self.self_id, s.span[0], s.span[1], 0.0, self.lifecycle.state, 0, 0)
+        return self.views.coverage((s.model_id, s.model_name, s.n_blocks, row))
 
     def known_models(self) -> dict[str, tuple[str | None, int | None]]:
         models = self.table.models()

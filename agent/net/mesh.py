@@ -4,6 +4,11 @@ Settings follow ../shared/notes/libp2p.md: Noise only (no plaintext or secio dow
 yamux, one connection per peer (avoids the ~250 ms happy-eyeballs stall on every dial),
 meshsub 1.1 with a 1 s heartbeat and the per-topic spam limiter off (we validate and
 rate-limit ads ourselves; its default silently drops a busy node's own publishes).
+
+The topic validator (`Mesh._validate`) knows which peer relayed each gossip message; with an
+`intake` set (agent.policy.peertable.AdIntake: new peer ids charged to the relaying peer, the
+table's room, block counts of models we know) an ad it refuses is dropped, not forwarded, and
+counted under its reason in the validator's `rejected` counts (status `rejected_ads`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import multiaddr
 import trio
@@ -40,6 +46,8 @@ from protocol.ids import CAPACITY_TOPIC
 log = logging.getLogger("shardmesh.mesh")
 
 DIAL_TIMEOUT_S = 5.0
+# A failing on_ad is logged as a warning this many times, then at debug level.
+_ON_AD_WARNINGS = 16
 # Mesh degree: every extra mesh link delivers each ad once more, and in py-libp2p each
 # delivery costs milliseconds of CPU (measured in the note); 4/3/6 still heals a lost link.
 GOSSIP_DEGREE, GOSSIP_DEGREE_LOW, GOSSIP_DEGREE_HIGH = 4, 3, 6
@@ -109,6 +117,15 @@ def make_router() -> GossipSub:
     )
 
 
+class AdIntake(Protocol):
+    """What the validator asks about an ad besides its own checks (agent.policy.peertable's
+    AdIntake): a reason to drop it, or None. `screen` runs before the ad is decoded."""
+
+    def screen(self, relay: str, sender: str, now: float) -> str | None: ...
+
+    def admit(self, relay: str, ad: CapacityAd, now: float) -> str | None: ...
+
+
 class Mesh:
     """A running host joined to the capacity topic. Made by `open_mesh`."""
 
@@ -117,6 +134,7 @@ class Mesh:
         self.pubsub = pubsub
         self.validator = validator
         self.gate: SwarmGate | None = None  # set by open_mesh: who may talk to us
+        self.intake: AdIntake | None = None  # set by the agent: relay budgets, table room
         self.peer_id = host.get_id().to_base58()
         # Ads accepted by the topic validator, waiting for the subscription loop (keyed by
         # gossip message id); bounded so a flood cannot grow it.
@@ -125,6 +143,10 @@ class Mesh:
         self.bytes_out = 0
         # Publish-to-validate delay of recent ads (gossip latency, clocks permitting).
         self.ad_delays_ms: deque[float] = deque(maxlen=256)
+        # Ads the receive loop's handler failed on (logged, counted, the loop goes on), and
+        # validator calls that raised (the message is dropped).
+        self.ad_handler_errors = 0
+        self.validate_errors = 0
 
     # --- addresses -----------------------------------------------------------------------
     def listen_addrs(self) -> list[str]:
@@ -136,16 +158,41 @@ class Mesh:
 
     # --- gossip ------------------------------------------------------------------------
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        try:
+            return self._check_ad(forwarder, msg)
+        except Exception as exc:  # one bad message must not break pubsub's receive path
+            self.validate_errors += 1
+            log.debug("validating a gossip message via %s raised: %r", forwarder, exc)
+            return False
+
+    def _refuse(self, reason: str) -> None:
+        rejected = self.validator.rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
+
+    def _check_ad(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         sender = ID(msg.from_id).to_base58()
         if sender == self.peer_id:
             return True
         if self.gate is not None and not self.gate.accepts_ad(forwarder, sender):
             return False  # an unproven forwarder, or a listed-out sender (counted by the gate)
+        intake = self.intake
+        relay = forwarder.to_base58()
+        if intake is not None:
+            reason = intake.screen(relay, sender, time.monotonic())
+            if reason is not None:
+                self._refuse(reason)
+                return False
         try:
             ad = self.validator.check(bytes(msg.data), sender=sender, now=time.time())
         except AdRejected as exc:
             log.debug("rejected ad from %s via %s: %s (%s)", sender, forwarder, exc.reason, exc)
             return False
+        if intake is not None:
+            reason = intake.admit(relay, ad, time.monotonic())
+            if reason is not None:
+                self._refuse(reason)
+                log.debug("refused ad from %s via %s: %s", sender, relay, reason)
+                return False
         self.ad_delays_ms.append((time.time() - ad.timestamp) * 1000)
         self._accepted[_msg_key(msg)] = ad
         while len(self._accepted) > 1024:
@@ -157,17 +204,24 @@ class Mesh:
         await self.pubsub.publish(CAPACITY_TOPIC, data)
 
     async def receive_ads(self, on_ad: Callable[[CapacityAd], None]) -> None:
-        """Deliver every accepted ad from other peers to `on_ad`; runs until cancelled."""
+        """Deliver every accepted ad from other peers to `on_ad`; runs until cancelled. An
+        ad that `on_ad` (or reading the message) fails on is counted and skipped."""
         sub = await self.pubsub.subscribe(CAPACITY_TOPIC)
         own = ID.from_base58(self.peer_id).to_bytes()
         while True:
             msg = await sub.get()
-            if bytes(msg.from_id) == own:
-                continue  # pubsub hands a publisher its own messages back
-            self.bytes_in += len(msg.data)
-            ad = self._accepted.pop(_msg_key(msg), None)
-            if ad is not None:
-                on_ad(ad)
+            try:
+                if bytes(msg.from_id) == own:
+                    continue  # pubsub hands a publisher its own messages back
+                self.bytes_in += len(msg.data)
+                ad = self._accepted.pop(_msg_key(msg), None)
+                if ad is not None:
+                    on_ad(ad)
+            except Exception as exc:
+                self.ad_handler_errors += 1
+                quiet = self.ad_handler_errors > _ON_AD_WARNINGS
+                level = logging.DEBUG if quiet else logging.WARNING
+                log.log(level, "handling a capacity ad failed (skipped): %r", exc)
 
     def trim_router_state(self) -> None:
         """Bound py-libp2p state that would otherwise grow forever.
@@ -196,14 +250,18 @@ class Mesh:
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
 
-    async def dial(self, addrs: list[str]) -> str:
-        """Connect to a peer given its /p2p/ addresses; returns its peer id. Raises OSError-like
-        errors wrapped as ConnectionError with one line."""
+    async def dial(self, addrs: list[str], *, timeout: float = DIAL_TIMEOUT_S + 1) -> str:
+        """Connect to a peer given its /p2p/ addresses within `timeout` seconds; returns its
+        peer id. Every failure (an address that does not parse included) is a
+        ConnectionError with one line."""
         if not addrs:
             raise ConnectionError("no address to dial")
-        _, peer = split_peer_addr(addrs[0])
-        pid = ID.from_base58(peer)
-        maddrs = [multiaddr.Multiaddr(split_peer_addr(a)[0]) for a in addrs]
+        try:
+            _, peer = split_peer_addr(addrs[0])
+            pid = ID.from_base58(peer)
+            maddrs = [multiaddr.Multiaddr(split_peer_addr(a)[0]) for a in addrs]
+        except Exception as exc:  # the multiaddr package raises several unrelated types
+            raise ConnectionError(f"cannot dial {addrs[0][:120]!r}: {exc}") from None
         network = self.host.get_network()
         # A failed dial blocks a peer for 60 s in py-libp2p (notes, item 7); we do our own
         # backoff, so clear that state before each attempt.
@@ -214,7 +272,7 @@ class Mesh:
         if refusal is not None:
             raise ConnectionError(refusal)
         try:
-            with trio.fail_after(DIAL_TIMEOUT_S + 1):
+            with trio.fail_after(timeout):
                 await self.host.connect(PeerInfo(pid, maddrs))
         except trio.TooSlowError:
             raise ConnectionError(f"timed out dialling {addrs[0]}") from None

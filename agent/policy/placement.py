@@ -9,8 +9,6 @@ table's view (`shardmesh peers`, the API's model list), which counts online peer
 from __future__ import annotations
 
 import hashlib
-import itertools
-import math
 from collections.abc import Collection, Iterable, Sequence
 
 from agent.policy.snapshot import SERVING_STATES, PeerSpan
@@ -37,20 +35,56 @@ def _check_n_blocks(n_blocks: int) -> None:
         raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
 
 
+def coverage_runs(
+    spans: Iterable[PeerSpan], n_blocks: int, states: Collection[str] = SERVING_STATES
+) -> list[tuple[int, int, int]]:
+    """Coverage as runs: (start, end, replicas) over [0, n_blocks), in order, neighbours
+    with different counts. A sweep over the span endpoints: O(peers log peers), whatever
+    `n_blocks` or the spans claim (a hostile ad's million-block span costs two events).
+    Spans reaching past the model count for the blocks that exist."""
+    _check_n_blocks(n_blocks)
+    if n_blocks == 0:
+        return []
+    delta: dict[int, int] = {}
+    for s in spans:
+        if s.state in states and s.start < n_blocks:
+            delta[s.start] = delta.get(s.start, 0) + 1
+            end = min(s.end, n_blocks)
+            delta[end] = delta.get(end, 0) - 1
+    runs: list[tuple[int, int, int]] = []
+    start, count = 0, 0
+    for point in sorted(delta):
+        if point >= n_blocks:
+            break
+        step = delta[point]
+        if step == 0:
+            continue
+        if point > start:
+            runs.append((start, point, count))
+            start = point
+        count += step
+    runs.append((start, n_blocks, count))
+    # Merge neighbours that ended up with the same count (a span ending where another starts).
+    merged: list[tuple[int, int, int]] = []
+    for run in runs:
+        if merged and merged[-1][2] == run[2]:
+            merged[-1] = (merged[-1][0], run[1], run[2])
+        else:
+            merged.append(run)
+    return merged
+
+
 def coverage(
     spans: Iterable[PeerSpan], n_blocks: int, states: Collection[str] = SERVING_STATES
 ) -> list[int]:
     """Replica count per block: how many peers in `states` serve it (by default online or
     joining ones, as placement counts; the peers table passes ROUTABLE_STATES). Spans reaching
-    past the model count for the blocks that exist. O(peers + blocks): each span adds one at
-    its start and takes one off past its end, and a running sum gives the counts."""
-    _check_n_blocks(n_blocks)
-    steps = [0] * (n_blocks + 1)
-    for s in spans:
-        if s.state in states and s.start < n_blocks:
-            steps[s.start] += 1
-            steps[min(s.end, n_blocks)] -= 1
-    return list(itertools.accumulate(steps[:n_blocks]))
+    past the model count for the blocks that exist. The runs of `coverage_runs`, expanded:
+    O(peers log peers + n_blocks)."""
+    out: list[int] = []
+    for start, end, count in coverage_runs(spans, n_blocks, states):
+        out.extend([count] * (end - start))
+    return out
 
 
 def uncovered_blocks(spans: Sequence[PeerSpan], n_blocks: int) -> list[int]:
@@ -60,15 +94,40 @@ def uncovered_blocks(spans: Sequence[PeerSpan], n_blocks: int) -> list[int]:
 
 def _block_throughput(spans: Sequence[PeerSpan], n_blocks: int) -> list[float]:
     # A peer's advertised blocks*tokens/s is shared by all its blocks, so each block gets an equal
-    # share: tokens/s that this peer can push through that block.
-    shares: list[list[float]] = [[] for _ in range(n_blocks)]
-    for s in _counted(spans, n_blocks):
-        share = s.throughput / s.length
-        for block in range(s.start, min(s.end, n_blocks)):
-            shares[block].append(share)
-    # fsum is exactly rounded, so blocks with the same shares get bit-identical sums and windows
-    # that should tie do tie.
-    return [math.fsum(block_shares) for block_shares in shares]
+    # share: tokens/s that this peer can push through that block. Each block's value is the
+    # exactly rounded sum of its shares (what math.fsum gives), so blocks with the same shares
+    # get bit-identical sums and windows that should tie do tie. A sweep over span endpoints in
+    # exact integer arithmetic (every float is an integer over a power of two): O(peers +
+    # blocks), not O(peers * blocks).
+    counted = [s for s in _counted(spans, n_blocks) if s.throughput > 0]
+    if not counted:
+        return [0.0] * n_blocks
+    ratios = [(s.throughput / s.length).as_integer_ratio() for s in counted]
+    scale_bits = max(den.bit_length() - 1 for _, den in ratios)
+    scale = 1 << scale_bits
+    steps = [0] * (n_blocks + 1)
+    for s, (num, den) in zip(counted, ratios, strict=True):
+        exact = num << (scale_bits - (den.bit_length() - 1))
+        steps[s.start] += exact
+        steps[min(s.end, n_blocks)] -= exact
+    out: list[float] = []
+    running = 0
+    for block in range(n_blocks):
+        running += steps[block]
+        out.append(running / scale)  # int / int is correctly rounded
+    return out
+
+
+def _window_sums(values: list[float], length: int) -> list[float]:
+    """math.fsum of every window of `length` values, in start order: exact prefix sums of the
+    values (integers over a common power of two), each difference rounded once."""
+    ratios = [v.as_integer_ratio() for v in values]
+    scale_bits = max((den.bit_length() - 1 for _, den in ratios), default=0)
+    scale = 1 << scale_bits
+    prefix = [0]
+    for num, den in ratios:
+        prefix.append(prefix[-1] + (num << (scale_bits - (den.bit_length() - 1))))
+    return [(prefix[i + length] - prefix[i]) / scale for i in range(len(values) - length + 1)]
 
 
 def _weakest_runs_after(counts: list[int], start: int, length: int, weakest: int) -> int:
@@ -124,6 +183,8 @@ def choose_span(
     block_throughput = _block_throughput(peers, n_blocks)
     weakest = min(counts)
 
+    window_throughput = _window_sums(block_throughput, length)
+
     scored: list[tuple[tuple[int, int, float, int], int]] = []
     for start in range(n_blocks - length + 1):
         window = counts[start : start + length]
@@ -131,7 +192,7 @@ def choose_span(
         key = (
             window_min,
             -window.count(window_min),
-            math.fsum(block_throughput[start : start + length]),
+            window_throughput[start],
             _weakest_runs_after(counts, start, length, weakest),
         )
         scored.append((key, start))
