@@ -130,8 +130,8 @@ def test_sessions_per_peer() -> None:
     lim.close_session("nobody", 5)  # unknown peers are ignored
 
 
-def test_kv_share_defaults_to_half_the_budget() -> None:
-    lim = PeerLimits(_limits(per_peer_sessions=100), clock=Clock())
+def test_kv_share_is_a_fraction_of_the_budget() -> None:
+    lim = PeerLimits(_limits(per_peer_sessions=100, per_peer_kv_share=0.5), clock=Clock())
     lim.open_session("a", 10**9)  # no budget known yet: no per-peer cap
     lim.close_session("a", 10**9)
     lim.set_kv_budget(budget_bytes=1000, bytes_per_token=10)
@@ -171,3 +171,90 @@ def test_connection_verdict() -> None:
     assert connection_verdict(3, 2, lim) is None
     assert connection_verdict(4, 1, lim) == "max_connections"
     assert connection_verdict(2, 3, lim) == "peer_connections"
+
+
+# --- shares, streams, bytes as they arrive --------------------------------------------------------
+
+
+def test_kv_share_defaults_to_a_quarter_and_explicit_tokens_win() -> None:
+    lim = PeerLimits(LimitsConfig(), clock=Clock())
+    lim.set_kv_budget(budget_bytes=1000, bytes_per_token=10)
+    assert lim.kv_cap_bytes == 250
+    for peer in "abc":
+        lim.open_session(peer, 250)
+    with pytest.raises(LimitExceeded, match="KV"):
+        lim.open_session("a", 1)  # two (or three) peer ids cannot take the whole budget
+    lim.open_session("d", 250)
+    explicit = PeerLimits(LimitsConfig(per_peer_kv_tokens=90, per_peer_kv_share=0.1))
+    explicit.set_kv_budget(budget_bytes=1000, bytes_per_token=10)
+    assert explicit.kv_cap_bytes == 900
+    none_yet = PeerLimits(LimitsConfig())
+    none_yet.set_kv_budget(budget_bytes=0, bytes_per_token=10)
+    assert none_yet.kv_cap_bytes == 0
+
+
+def test_session_share_caps_a_peer_below_per_peer_sessions() -> None:
+    assert PeerLimits(LimitsConfig()).session_cap == 8  # a quarter of 32, under 16
+    assert PeerLimits(LimitsConfig(max_sessions=100)).session_cap == 16  # per_peer_sessions
+    assert PeerLimits(LimitsConfig(per_peer_session_share=1.0)).session_cap == 16
+    assert PeerLimits(LimitsConfig(max_sessions=64, per_peer_session_share=0.1)).session_cap == 6
+    # Never fewer than MIN_SHARE_SESSIONS (one agent's concurrent generations) ...
+    assert PeerLimits(LimitsConfig(max_sessions=3)).session_cap == peerlimits.MIN_SHARE_SESSIONS
+    # ... unless per_peer_sessions says so.
+    assert PeerLimits(LimitsConfig(max_sessions=3, per_peer_sessions=2)).session_cap == 2
+    lim = PeerLimits(LimitsConfig(max_sessions=32), clock=Clock())
+    for _ in range(8):
+        lim.open_session("a", 0)
+    with pytest.raises(LimitExceeded) as err:
+        lim.open_session("a", 0)
+    assert err.value.code == "too_many_sessions" and "8 sessions" in str(err.value)
+    lim.open_session("b", 0)
+
+
+def test_streams_per_peer_are_capped_and_counted() -> None:
+    lim = PeerLimits(_limits(per_peer_streams=3), clock=Clock())
+    for _ in range(3):
+        lim.open_stream("a")
+    with pytest.raises(LimitExceeded) as err:
+        lim.open_stream("a")
+    assert err.value.code == "too_many_streams"
+    lim.open_stream("b")  # another peer is unaffected
+    assert lim.streams_of("a") == 3 and lim.streams_of("b") == 1
+    assert lim.status()["refused"] == {"too_many_streams": 1}
+    assert lim.status()["open_streams"] == 4
+    lim.close_stream("a")
+    lim.open_stream("a")
+    lim.close_stream("nobody")  # unknown peers are ignored
+    assert PeerLimits(LimitsConfig()).limits.per_peer_streams == 8
+
+
+def test_a_peer_with_open_streams_is_not_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peerlimits, "MAX_TRACKED_PEERS", 10)
+    clock = Clock()
+    lim = PeerLimits(_limits(), clock=clock)
+    lim.open_stream("streaming")
+    for i in range(30):
+        lim.admit(f"p{i}", 1)
+        clock.t += 1.0
+    assert lim.streams_of("streaming") == 1
+
+
+def test_bytes_are_charged_as_they_arrive_and_slow_the_reader() -> None:
+    clock = Clock()
+    lim = PeerLimits(_limits(per_peer_bytes_per_s=1000.0), clock=clock, max_wait_s=0.5)
+    # Pieces of one frame in progress: free within the burst, then each read waits its turn.
+    assert lim.charge_bytes("p", 600) == 0
+    assert lim.charge_bytes("p", 400) == 0
+    assert lim.charge_bytes("p", 500) == pytest.approx(0.5)
+    # Never refused (the bytes are here): a read past max_wait only waits longer.
+    assert lim.charge_bytes("p", 1000) == pytest.approx(1.5)
+    assert lim.bytes_charged == 2500 and lim.throttled_reads == 2
+    # The frame's request, once whole, owes no bytes again, but waits out the debt: here
+    # longer than max_wait, so refused (a strike).
+    with pytest.raises(LimitExceeded, match="bytes/s"):
+        lim.admit("p", 0)
+    clock.t += 1.5  # the reader waited: the debt is repaid
+    assert lim.admit("p", 0) == 0
+    assert lim.charge_bytes("other", 1000) == 0  # nobody else notices
+    status = lim.status()
+    assert status["bytes_charged"] == 3500 and status["throttled_reads"] == 2

@@ -5,11 +5,18 @@ this reads chunks (as many bytes as the decoder wants: the rest of the frame in 
 at most one max frame plus a prefix in all), feeds them to the connection and writes the
 bytes its `send()` returns. Parsing, the oversize rule and the session's rules all live in
 protocol/. No deadlines here: every wait is bounded by the caller (`trio.fail_after`...).
+
+Two hooks for hostile peers: `on_read` is awaited with each chunk's size as it arrives, before
+anything more is read (the server charges the bytes to the peer's byte rate there, and waits
+when it is over it), and a client awaiting an answer names the most bytes that answer may
+take (`next_event(max_frame=...)`, from `result_limit` for a Step): the frame's 4-byte prefix
+is read alone and checked first, so an oversized answer costs 4 bytes, not a buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import INetStream
@@ -23,14 +30,34 @@ from protocol import (
     FrameTooLarge,
     FramingLost,
     Message,
+    ProtocolError,
     Role,
     encode_frame,
+    read_frame_length,
+)
+from protocol.forward import (
+    FRAME_PREFIX_LEN,
+    MAX_ERROR_CODE_LEN,
+    MAX_ERROR_MESSAGE_LEN,
+    MAX_SESSION_ID_LEN,
 )
 
 READ_CHUNK = 1 << 16
 # An oversized frame's body is read and dropped (so the session can go on) up to this much;
 # past it the stream is closed rather than spending bandwidth on a hostile sender.
 MAX_DISCARD = DEFAULT_MAX_DISCARD
+
+# The largest answer without a tensor (a SessionOpened, or an ErrorReply at its decoder's
+# limits, up to 4 UTF-8 bytes a character), and what a StepResult carries besides its
+# tensor's bytes (tag, step, elapsed_ms, dtype, a shape of up to 4 dims, bin header).
+SMALL_REPLY_BYTES = 4 * (MAX_ERROR_CODE_LEN + MAX_ERROR_MESSAGE_LEN + MAX_SESSION_ID_LEN) + 256
+RESULT_OVERHEAD = 256
+
+
+def result_limit(tensor_bytes: int) -> int:
+    """The most bytes the answer to a Step may take when its StepResult carries a tensor of
+    `tensor_bytes` (the shape and wire dtype of the Step's own): that, or an ErrorReply."""
+    return max(SMALL_REPLY_BYTES, tensor_bytes + RESULT_OVERHEAD)
 
 
 class StreamGone(Exception):
@@ -61,9 +88,16 @@ class FramedStream:
         max_frame: int,
         role: Role | None = None,
         max_discard: int = MAX_DISCARD,
+        on_read: Callable[[int], Awaitable[None]] | None = None,
+        read_max: int | None = None,
     ) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        # Awaited with each chunk's size as it arrives, before anything more is read.
+        self.on_read = on_read
+        # The most bytes one read asks for (None: what the decoder wants); keeps what one
+        # read charges to on_read small.
+        self.read_max = read_max
         self.conn: ForwardConnection | None = None
         if role is not None:
             self.conn = ForwardConnection(role, max_frame=max_frame, max_discard=max_discard)
@@ -78,6 +112,8 @@ class FramedStream:
     # --- reading --------------------------------------------------------------------------
 
     async def _read(self, n: int) -> bytes:
+        if self.read_max is not None:
+            n = min(n, self.read_max)
         try:
             chunk = await self.stream.read(max(1, n))
         except StreamError as exc:
@@ -88,13 +124,22 @@ class FramedStream:
             raise StreamGone("stream closed")
         self.bytes_in += len(chunk)
         FramedStream.total_in += len(chunk)
+        if self.on_read is not None:
+            await self.on_read(len(chunk))  # before anything more is read
         return chunk
 
-    async def next_event(self) -> Message:
-        """The next message through the connection's rules (`receive()` without a role)."""
+    async def next_event(self, *, max_frame: int | None = None) -> Message:
+        """The next message through the connection's rules (`receive()` without a role).
+
+        `max_frame`: the most bytes the next frame's body may claim (a client awaiting an
+        answer: `result_limit` for a Step, SMALL_REPLY_BYTES for an OpenSession). Its prefix
+        is read alone and checked before anything else; one claiming more, or bytes that came
+        unasked before it, end the stream (StreamGone) with none of its body read."""
         conn = self.conn
         if conn is None:
             return await self.receive()
+        if max_frame is not None:
+            await self._bounded_prefix(conn, max_frame)
         while True:
             try:
                 event = conn.next_event()
@@ -103,6 +148,21 @@ class FramedStream:
             if event is not None:
                 return event
             conn.receive_data(await self._read(conn.wanted(READ_CHUNK)))
+
+    async def _bounded_prefix(self, conn: ForwardConnection, max_frame: int) -> None:
+        """Read the next frame's prefix alone and refuse a claim over `max_frame`."""
+        if conn.buffered or conn.frames.pending or conn.frames.failed:
+            # Only answers come, one per request, and the last one was taken whole: anything
+            # already here came unasked, and its claimed length was never checked.
+            raise StreamGone("the peer sent bytes that answer nothing")
+        head = b""
+        while len(head) < FRAME_PREFIX_LEN:
+            head += await self._read(FRAME_PREFIX_LEN - len(head))
+        try:
+            read_frame_length(head, max_frame)
+        except ProtocolError as exc:
+            raise StreamGone(f"answer refused at its prefix: {exc}") from None
+        conn.receive_data(head)
 
     async def receive(self) -> Message:
         """The next frame's message, no session rules applied. DecodeError / FrameTooLarge
@@ -147,4 +207,14 @@ class FramedStream:
                 await self.stream.close()
 
 
-__all__ = ["MAX_DISCARD", "DecodeError", "FrameTooLarge", "FramedStream", "Role", "StreamGone"]
+__all__ = [
+    "MAX_DISCARD",
+    "RESULT_OVERHEAD",
+    "SMALL_REPLY_BYTES",
+    "DecodeError",
+    "FrameTooLarge",
+    "FramedStream",
+    "Role",
+    "StreamGone",
+    "result_limit",
+]

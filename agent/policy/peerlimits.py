@@ -1,9 +1,15 @@
 """Per-peer limits on what one peer may ask of this agent, so that nobody else notices it.
 
 Pure bookkeeping with the clock passed in (no trio, no sockets): token buckets for requests
-and bytes per second, counts of open sessions and reserved KV-cache bytes per peer, and the
-connection caps checked when a connection arrives. The forward protocol (agent.serve) and
-the swarm gate (agent.net.swarm) ask it and act on the answer: wait, refuse or disconnect.
+and bytes per second, counts of open forward streams, open sessions and reserved KV-cache
+bytes per peer, and the connection caps checked when a connection arrives. The forward
+protocol (agent.serve) and the swarm gate (agent.net.swarm) ask it and act on the answer:
+wait, refuse, reset or disconnect.
+
+Bytes are charged as they are read (`charge_bytes`, per chunk), not once a frame is whole, so
+a frame in progress costs its sender from its first byte; requests are charged per message
+(`admit`). A peer's shares of the agent's sessions and KV budget are fractions of them
+(`per_peer_session_share`, `per_peer_kv_share`), so a few peer ids cannot take it all.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ MAX_WAIT_S = 1.0
 # Refusals a peer may collect without pausing (its request bucket never refilling) before
 # its streams are dropped rather than answered.
 MAX_STRIKES = 32
-# Idle peers (no sessions, buckets full) are forgotten beyond this many remembered.
+# Idle peers (no streams, no sessions, buckets full) are forgotten beyond this many remembered.
 MAX_TRACKED_PEERS = 4096
+# The session share never leaves a peer fewer than this many (per_peer_sessions still caps
+# it): an agent routing its HTTP API's generations (api.max_concurrent, 4 by default) holds
+# one session per generation on a server.
+MIN_SHARE_SESSIONS = 4
 
 
 class LimitExceeded(Exception):
@@ -73,6 +83,7 @@ class _Peer:
     sessions: int = 0
     kv_bytes: int = 0
     strikes: int = 0
+    streams: int = 0
 
 
 @dataclass
@@ -84,13 +95,28 @@ class PeerLimits:
     max_wait_s: float = MAX_WAIT_S
     kv_cap_bytes: int = 0  # 0 until set_kv_budget: no per-peer KV cap yet
     throttled: int = 0  # requests slowed down
-    refused: dict[str, int] = field(default_factory=dict)  # by error code
+    throttled_reads: int = 0  # reads slowed down (the peer was over its byte rate)
+    bytes_charged: int = 0  # bytes read from peers and charged to their byte rates
+    refused: dict[str, int] = field(default_factory=dict)  # by error code (or stream cap)
     _peers: dict[str, _Peer] = field(default_factory=dict)
 
     def set_kv_budget(self, budget_bytes: int, bytes_per_token: int) -> None:
-        """Per-peer cap: `per_peer_kv_tokens` tokens, or half the agent's budget when 0."""
+        """Per-peer cap: `per_peer_kv_tokens` tokens when set, else `per_peer_kv_share` of
+        the agent's budget."""
         tokens = self.limits.per_peer_kv_tokens
-        self.kv_cap_bytes = tokens * bytes_per_token if tokens else budget_bytes // 2
+        if tokens:
+            self.kv_cap_bytes = tokens * bytes_per_token
+        else:
+            share = int(budget_bytes * self.limits.per_peer_kv_share)
+            self.kv_cap_bytes = max(1, share) if budget_bytes > 0 else 0
+
+    @property
+    def session_cap(self) -> int:
+        """Sessions one peer may hold: its share of max_sessions (at least
+        MIN_SHARE_SESSIONS), at most per_peer_sessions."""
+        lim = self.limits
+        share = max(MIN_SHARE_SESSIONS, int(lim.max_sessions * lim.per_peer_session_share))
+        return min(lim.per_peer_sessions, share)
 
     def _peer(self, peer: str, now: float) -> _Peer:
         entry = self._peers.get(peer)
@@ -111,7 +137,7 @@ class PeerLimits:
         idle = [
             p
             for p, e in self._peers.items()
-            if e.sessions == 0 and e.requests.full(now) and e.bytes.full(now)
+            if e.sessions == 0 and e.streams == 0 and e.requests.full(now) and e.bytes.full(now)
         ]
         for p in idle:
             del self._peers[p]
@@ -143,17 +169,50 @@ class PeerLimits:
             self.throttled += 1
         return wait
 
+    def charge_bytes(self, peer: str, nbytes: int) -> float:
+        """Charge `nbytes` just read from `peer` to its byte rate (never refused: they have
+        arrived): the seconds to wait before reading more of what it sends (0 = now)."""
+        now = self.clock()
+        entry = self._peer(peer, now)
+        entry.bytes.take(nbytes, now)
+        self.bytes_charged += nbytes
+        wait = entry.bytes.wait_for(0, now)
+        if wait > 0:
+            self.throttled_reads += 1
+        return wait
+
     def should_drop(self, peer: str) -> bool:
         """True once a peer kept sending through MAX_STRIKES refusals: stop answering it.
         (One stream is paced, never refused: refusals need many streams in parallel.)"""
         entry = self._peers.get(peer)
         return entry is not None and entry.strikes >= MAX_STRIKES
 
+    # --- streams ------------------------------------------------------------------------
+    def open_stream(self, peer: str) -> None:
+        """Count a new forward stream of `peer`, or raise LimitExceeded("too_many_streams")
+        (counted in `refused`; the stream is reset, no error code goes on the wire)."""
+        entry = self._peer(peer, self.clock())
+        cap = self.limits.per_peer_streams
+        if entry.streams >= cap:
+            raise self._refuse(
+                "too_many_streams", f"this peer already has {cap} forward streams open here"
+            )
+        entry.streams += 1
+
+    def close_stream(self, peer: str) -> None:
+        entry = self._peers.get(peer)
+        if entry is not None:
+            entry.streams = max(0, entry.streams - 1)
+
+    def streams_of(self, peer: str) -> int:
+        entry = self._peers.get(peer)
+        return entry.streams if entry else 0
+
     # --- sessions -----------------------------------------------------------------------
     def open_session(self, peer: str, kv_bytes: int) -> None:
         """Count a new session of `peer` reserving `kv_bytes`, or raise LimitExceeded."""
         entry = self._peer(peer, self.clock())
-        cap = self.limits.per_peer_sessions
+        cap = self.session_cap
         if entry.sessions >= cap:
             raise self._refuse(
                 "too_many_sessions", f"this peer already has {cap} sessions open here"
@@ -180,8 +239,11 @@ class PeerLimits:
     def status(self) -> dict[str, object]:
         return {
             "throttled_requests": self.throttled,
+            "throttled_reads": self.throttled_reads,
+            "bytes_charged": self.bytes_charged,
             "refused": dict(self.refused),
             "peers_with_sessions": sum(1 for e in self._peers.values() if e.sessions),
+            "open_streams": sum(e.streams for e in self._peers.values()),
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ import trio
 from agent.config import ClientConfig
 from agent.model.loading import torch_dtype
 from agent.model.wire import from_frame, to_frame
-from agent.net.framed import FramedStream, StreamGone
+from agent.net.framed import SMALL_REPLY_BYTES, FramedStream, StreamGone, result_limit
 from agent.policy.routing import Hop
 from agent.route.health import PeerHealth
 from agent.route.view import LocalForward, MeshView
@@ -28,7 +29,13 @@ from protocol import (
     SessionOpened,
     Step,
     StepResult,
+    TensorFrame,
 )
+
+# The decoder's ceiling on the client side; each answer is held to far less: what its request
+# needs (FramedStream.next_event(max_frame=...)), refused at its length prefix.
+CLIENT_MAX_FRAME = 1 << 30
+_FLOAT_WIRE = ("float32", "float16", "bfloat16")
 
 
 class HopError(Exception):
@@ -44,7 +51,9 @@ class RemoteHop:
 
     The stream runs a client-role ForwardConnection (protocol.connection): OpenSession first,
     one Step at a time, each answered by the StepResult with its number (and the shape sent)
-    or an ErrorReply; anything else from the peer is a HopError.
+    or an ErrorReply; anything else from the peer is a HopError. Each answer may take only
+    the bytes its request needs (a StepResult: the Step's own tensor size plus a little), so
+    a server claiming more is refused after the 4 bytes of its length prefix.
     """
 
     def __init__(self, view: MeshView, hop: Hop, cfg: ClientConfig, health: PeerHealth) -> None:
@@ -70,7 +79,10 @@ class RemoteHop:
                 stream = await self.host.new_stream(
                     ID.from_base58(self.peer_id), [TProtocol(FORWARD_PROTOCOL_ID)]
                 )
-                self.framed = FramedStream(stream, max_frame=1 << 30, role=Role.CLIENT)
+                # No discarding on this side: a frame over the ceiling ends the stream at once.
+                self.framed = FramedStream(
+                    stream, max_frame=CLIENT_MAX_FRAME, role=Role.CLIENT, max_discard=0
+                )
                 await self.framed.send_event(
                     OpenSession(
                         model_id=model_id,
@@ -81,7 +93,7 @@ class RemoteHop:
                         batch=batch,
                     )
                 )
-                reply = await self.framed.next_event()
+                reply = await self.framed.next_event(max_frame=SMALL_REPLY_BYTES)
         except trio.TooSlowError:
             raise HopError(self.peer_id, "timed out opening a session") from None
         except (StreamGone, ProtocolError) as exc:
@@ -105,7 +117,7 @@ class RemoteHop:
                     Step(step=self._step_no, position=position, hidden=frame),
                     expect_shape=frame.shape,
                 )
-                reply = await self.framed.next_event()
+                reply = await self.framed.next_event(max_frame=result_limit(len(frame.data)))
         except trio.TooSlowError:
             raise HopError(
                 self.peer_id, f"no answer within {self.cfg.step_timeout_s:g} s"
@@ -116,7 +128,7 @@ class RemoteHop:
             raise HopError(self.peer_id, f"{reply.code}: {reply.message}")
         if not isinstance(reply, StepResult):  # not reached: the connection checks it
             raise HopError(self.peer_id, "answered out of order")
-        out = from_frame(reply.hidden, device="cpu")
+        out = _received_tensor(reply.hidden)
         self.health.observe(self.peer_id, (time.perf_counter() - t0) * 1000 - reply.elapsed_ms)
         return out
 
@@ -128,6 +140,19 @@ class RemoteHop:
                 await self.framed.send_event(CloseSession())
         await self.framed.close()
         self.framed = None
+
+
+def _received_tensor(frame: TensorFrame) -> torch.Tensor:
+    """The tensor of a StepResult just decoded, on the CPU. Its bytes came off the wire into an
+    object nobody else holds, so the tensor takes them as they are: no second copy per hop
+    (from_frame copies, to own writable memory; nothing here writes to a hop's output)."""
+    data = frame.data
+    if frame.dtype not in _FLOAT_WIRE or type(data) is not bytes or not data:
+        return from_frame(frame, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": the bytes are ours
+        t = torch.frombuffer(data, dtype=torch_dtype(frame.dtype))
+    return t.view(frame.shape)
 
 
 class LocalHop:

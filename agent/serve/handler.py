@@ -2,21 +2,28 @@
 
 The stream runs a server-role ForwardConnection (protocol.connection): it parses the frames
 and keeps the conversation's order (an OpenSession first, Steps only in an open session, one
-answer each). Every frame is paced per peer (requests/s and bytes/s) before any work, checked
-by the serving part, and answered; a bad frame or a message out of order gets an ErrorReply
-and the stream goes on, a peer that keeps ignoring its rate limit loses the stream, and so
-does one whose frame is over every size limit. Everyone else notices nothing.
+answer each). A peer holds at most `per_peer_streams` forward streams: one more is reset at
+once. Every byte is charged to the peer's byte rate as it is read (a peer over it waits
+before more of its frame is read), every frame to its request rate before any work; then it
+is checked by the serving part and answered. A bad frame or a message out of order gets an
+ErrorReply and the stream goes on, a peer that keeps ignoring its rate limit loses the
+stream, and so does one whose frame is over every size limit. The stream closes
+`session_idle_timeout` after its last useful message (the OpenSession that opened its session,
+or a step that ran): garbage, errors and refused requests do not keep it open. Everyone else
+notices nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from typing import Any, Protocol
 
 import trio
 
 from agent.config import LimitsConfig
-from agent.net.framed import FramedStream, StreamGone
+from agent.net.framed import READ_CHUNK, FramedStream, StreamGone
 from agent.policy.peerlimits import LimitExceeded, PeerLimits
 from agent.serve.admission import RequestRejected
 from agent.serve.sessions import Session
@@ -61,29 +68,50 @@ class StreamHandler:
         self.errors_sent: dict[str, int] = {}
 
     async def handle_stream(self, stream: Any) -> None:
-        # Its own cancel scope, so that end_sessions can stop a handler blocked on a read.
-        with trio.CancelScope() as scope:
-            await self._serve_stream(stream, scope)
-
-    async def _serve_stream(self, stream: Any, scope: trio.CancelScope) -> None:
-        serving = self.serving
         peer = stream.muxed_conn.peer_id.to_base58()
-        framed = FramedStream(stream, max_frame=self.limits.max_frame_bytes, role=Role.SERVER)
+        peer_limits = self.serving.peer_limits
+        try:
+            peer_limits.open_stream(peer)
+        except LimitExceeded as exc:
+            log.debug("%s: %s; resetting the new one", peer, exc)
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        try:
+            # Its own cancel scope, so that end_sessions can stop a handler blocked on a read.
+            with trio.CancelScope() as scope:
+                await self._serve_stream(stream, peer, scope)
+        finally:
+            peer_limits.close_stream(peer)
+
+    async def _serve_stream(self, stream: Any, peer: str, scope: trio.CancelScope) -> None:
+        serving = self.serving
+        limits = self.limits
+        framed = FramedStream(
+            stream,
+            max_frame=limits.max_frame_bytes,
+            role=Role.SERVER,
+            on_read=functools.partial(self._charge_bytes, peer),
+            # One read charges at most a second of the peer's bytes (and one chunk).
+            read_max=max(1024, min(READ_CHUNK, int(limits.per_peer_bytes_per_s))),
+        )
         session: Session | None = None
-        charged = 0  # bytes of this stream already charged to the peer's byte rate
+        idle_s = limits.session_idle_timeout
+        deadline = trio.current_time() + idle_s  # from the last useful message
         try:
             while True:
-                with trio.move_on_after(self.limits.session_idle_timeout) as idle:
+                if trio.current_time() >= deadline:  # frames already buffered included
+                    log.info("session of %s idle too long; closing", peer)
+                    return
+                with trio.move_on_at(deadline) as idle:
                     try:
                         msg = await framed.next_event()
                     except ProtocolError as exc:  # undecodable, oversized, out of order
-                        # A frame that does not decode still costs the peer a request and
-                        # its bytes: garbage is paced like anything else.
-                        nbytes, charged = framed.bytes_in - charged, framed.bytes_in
+                        # A frame that does not decode still costs the peer a request (its
+                        # bytes were charged as they came): garbage is paced like anything
+                        # else, and does not move the idle deadline.
                         step = exc.step if isinstance(exc, OutOfOrder) else None
-                        if not await self._refuse_frame(
-                            framed, peer, nbytes, exc.code, str(exc), step
-                        ):
+                        if not await self._refuse_frame(framed, peer, exc.code, str(exc), step):
                             return
                         continue
                 if idle.cancelled_caught:
@@ -91,9 +119,8 @@ class StreamHandler:
                     return
                 if isinstance(msg, CloseSession):
                     return
-                nbytes, charged = framed.bytes_in - charged, framed.bytes_in
                 try:
-                    await self._pace(peer, nbytes)
+                    await self._pace(peer)
                     # The connection lets through only an OpenSession with no session open
                     # and a Step in an open one.
                     if isinstance(msg, OpenSession):
@@ -115,6 +142,7 @@ class StreamHandler:
                     continue
                 with trio.fail_after(WRITE_TIMEOUT_S):
                     await framed.send_event(reply)
+                deadline = trio.current_time() + idle_s  # a session opened, or a step ran
         except (StreamGone, trio.TooSlowError) as exc:
             log.debug("stream from %s ended: %s", peer, exc)
         finally:
@@ -126,7 +154,6 @@ class StreamHandler:
         self,
         framed: FramedStream,
         peer: str,
-        nbytes: int,
         code: str,
         message: str,
         step: int | None,
@@ -134,7 +161,7 @@ class StreamHandler:
         """Answer an undecodable frame or a message out of order after pacing it; False: drop
         the peer's stream."""
         try:
-            await self._pace(peer, nbytes)
+            await self._pace(peer)
         except RequestRejected as exc:
             code, message = exc.code, str(exc)
         return await self._refuse(framed, peer, code, message, step)
@@ -150,13 +177,20 @@ class StreamHandler:
             return False
         return True
 
-    async def _pace(self, peer: str, nbytes: int) -> None:
-        """Per-peer requests/s and bytes/s: wait for the peer's turn, or refuse the request
-        when that wait would be too long."""
+    async def _pace(self, peer: str) -> None:
+        """Per-peer requests/s (and bytes/s debt): wait for the peer's turn, or refuse the
+        request when that wait would be too long. Its bytes were charged as they came."""
         try:
-            wait = self.serving.peer_limits.admit(peer, nbytes)
+            wait = self.serving.peer_limits.admit(peer, 0)
         except LimitExceeded as exc:
             raise RequestRejected(exc.code, str(exc)) from None
+        if wait > 0:
+            await trio.sleep(wait)
+
+    async def _charge_bytes(self, peer: str, nbytes: int) -> None:
+        """`nbytes` just read from `peer`: charged to its byte rate; when it is over that, the
+        stream waits before reading more (its frame in progress included)."""
+        wait = self.serving.peer_limits.charge_bytes(peer, nbytes)
         if wait > 0:
             await trio.sleep(wait)
 
