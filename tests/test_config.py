@@ -201,3 +201,12 @@ async def test_run_generation_uses_the_client_table_and_the_request_over_it(
     got = await run({"verify": 1.0}, None)
     assert (got.verify_fraction, got.verify_tolerance) == (1.0, ClientConfig().verify_tolerance)
     assert [f.name for f in fields(got)] == [f.name for f in fields(ClientConfig)]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_known_peers", 0), ("new_peers_per_minute", 0.0), ("new_peers_per_minute", -1.0)],
+)
+def test_peer_table_bounds_are_checked(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"limits.{key}"):
+        load_config(None, {f"limits.{key}": value})

@@ -57,10 +57,11 @@ def validate(cfg: AgentConfig) -> None:
         "per_peer_connections",
         "per_peer_sessions",
         "per_peer_streams",
+        "max_known_peers",
     ):
         if getattr(lim, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
-    for key in ("per_peer_requests_per_s", "per_peer_bytes_per_s"):
+    for key in ("per_peer_requests_per_s", "per_peer_bytes_per_s", "new_peers_per_minute"):
         if getattr(lim, key) <= 0:
             raise ConfigError(f"limits.{key}: must be positive")
     if lim.per_peer_kv_tokens < 0:
