@@ -38,11 +38,12 @@ log = logging.getLogger("shardmesh.agent")
 
 DEVICE_REFRESH_S = 5.0  # NVML/psutil readings in ads: fresh enough, and cheap
 # MESH_AD_RATE and TTL_PER_INTERVAL (agent.policy.peertable) are named here too.
-__all__ = ["MESH_AD_RATE", "TTL_PER_INTERVAL", "Advertised", "Announcer"]
+__all__ = ["MESH_AD_RATE", "TTL_PER_INTERVAL", "Advertised", "Announcer", "ServedModelId"]
 
 
-class Advertised(Protocol):
-    """The serving part as its ads show it (agent.serve.serving.Serving)."""
+class ServedModelId(Protocol):
+    """Which model the serving part serves (agent.serve.serving.Serving): what ads, status
+    and coverage all name."""
 
     @property
     def model_id(self) -> str: ...
@@ -52,6 +53,10 @@ class Advertised(Protocol):
 
     @property
     def n_blocks(self) -> int: ...
+
+
+class Advertised(ServedModelId, Protocol):
+    """The serving part as its ads show it."""
 
     @property
     def throughput(self) -> float: ...

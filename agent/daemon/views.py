@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+from agent.daemon.announce import ServedModelId
 from agent.daemon.lifecycle import Lifecycle
 from agent.hw.devices import DeviceReport
 from agent.net.mesh import Mesh
@@ -34,20 +35,11 @@ class Reporting(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-class ServedModel(Reporting, Protocol):
+class ServedModel(Reporting, ServedModelId, Protocol):
     """The serving part as `status` and `coverage` see it (agent.serve.serving.Serving)."""
 
     @property
     def protocol_id(self) -> str: ...
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def n_blocks(self) -> int: ...
 
 
 def status(
