@@ -5,7 +5,8 @@ a separate process) and stop them by pid. Every wait is bounded."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ __all__ = [
     "Agent",
     "cli",
     "free_port",
+    "serving_tiny_model",
     "start_many",
     "status_json",
     "stop_all",
@@ -56,3 +58,25 @@ def status_json(agent: Agent) -> dict[str, Any]:
     out = cli("status", "--json", "--control", str(agent.control))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+@contextmanager
+def serving_tiny_model(
+    root: Path, config_toml: str, blocks: str = "0:4"
+) -> Iterator[tuple[Agent, Path]]:
+    """One agent serving `blocks` of a tiny llama made offline under `root`, started with
+    `config_toml` as its config file; stopped on the way out. Yields (agent, model dir)."""
+    from agent.model.tiny import ensure_tiny_model
+
+    model = ensure_tiny_model("llama", root / "models")
+    cfg = root / "config.toml"
+    cfg.write_text(config_toml)
+    agent = Agent(
+        root / "agent",
+        ["--config", str(cfg), "--model", str(model), "--blocks", blocks, "--threads", "1"],
+    )
+    try:
+        agent.start(ready_timeout=120)
+        yield agent, model
+    finally:
+        agent.stop()

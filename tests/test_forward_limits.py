@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import trio
-from agentproc import Agent, wait_for
+from agentproc import Agent, serving_tiny_model, wait_for
 
 from agent.config import LimitsConfig, load_config
 from agent.config.errors import ConfigError
@@ -318,21 +318,8 @@ max_frame_bytes = {4 << 20}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    from agent.model.tiny import ensure_tiny_model
-
-    root = tmp_path_factory.mktemp("fwdlimits")
-    model = ensure_tiny_model("llama", root / "models")
-    cfg = root / "config.toml"
-    cfg.write_text(LIMITS)
-    agent = Agent(
-        root / "agent",
-        ["--config", str(cfg), "--model", str(model), "--blocks", "0:4", "--threads", "1"],
-    )
-    try:
-        agent.start(ready_timeout=120)
+    with serving_tiny_model(tmp_path_factory.mktemp("fwdlimits"), LIMITS) as (agent, model):
         yield agent, model
-    finally:
-        agent.stop()
 
 
 async def _status(agent: Agent) -> dict[str, Any]:

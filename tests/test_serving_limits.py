@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import trio
-from agentproc import Agent, wait_for
+from agentproc import serving_tiny_model, wait_for
 
 from agent.model.blocks import ShardModel
-from agent.model.tiny import ensure_tiny_model
 from agent.model.wire import to_frame
 from agent.policy.routing import Hop
 from agent.route.health import PeerHealth
@@ -37,19 +36,8 @@ HIDDEN = 64
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("limits")
-    model = ensure_tiny_model("llama", root / "models")
-    cfg = root / "config.toml"
-    cfg.write_text(LIMITS)
-    agent = Agent(
-        root / "agent",
-        ["--config", str(cfg), "--model", str(model), "--blocks", "0:4", "--threads", "1"],
-    )
-    try:
-        agent.start(ready_timeout=120)
+    with serving_tiny_model(tmp_path_factory.mktemp("limits"), LIMITS) as (agent, model):
         yield agent, model
-    finally:
-        agent.stop()
 
 
 async def _expect_error(hop: RemoteHop, msg: object, code: str) -> None:
