@@ -39,7 +39,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from agent.config import MeshConfig
 from agent.multiaddrs import split_peer_addr
 from agent.net.swarm import SwarmGate
-from agent.net.upstream import bound_multiselect_reads
+from agent.net.upstream import bound_multiselect_reads, enforce_yamux_windows
 from protocol import AdRejected, AdValidator, CapacityAd
 from protocol.ids import CAPACITY_TOPIC
 
@@ -311,6 +311,7 @@ async def open_mesh(cfg: MeshConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
     """Start the host listening on cfg.listen and join the capacity topic."""
     _install_signed_record_cache()
     bound_multiselect_reads()  # a stranger's claimed lengths, before Noise and the gate
+    enforce_yamux_windows()  # data past a stream's receive window closes the connection
     host = make_host(key_pair, mdns=cfg.mdns)
     router = make_router()
     pubsub = Pubsub(host, router, strict_signing=True, seen_ttl=120)

@@ -38,3 +38,79 @@ def bound_multiselect_reads() -> None:
 
     bounded_read_delim._shardmesh_bounded = True  # type: ignore[attr-defined]
     communicator.read_delim = bounded_read_delim  # type: ignore[assignment]
+
+
+# yamux (0.8.1): a peer that ignores flow control has its DATA frames kept anyway ("peer
+# exceeded receive window" is only logged), and the swarm gate holds a stranger's streams
+# unread: measured, 499 MB in 5 s from a peer without the secret. A stream may buffer no more
+# than the window it was given (plus slack for frames in flight when a window update went
+# out), and one connection no more than MAX_CONNECTION_BUFFER in all; past either, the
+# connection is closed (yamux's own error path for an OSError in its read loop).
+WINDOW_SLACK = 64 * 1024
+MAX_CONNECTION_BUFFER = 64 * 1024 * 1024
+
+
+class WindowExceeded(ConnectionError):
+    """A peer sent more than the receive window allowed: its connection is closed."""
+
+
+def enforce_yamux_windows() -> None:
+    """Make every yamux connection refuse data past a stream's window (idempotent)."""
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    if getattr(Yamux.__init__, "_shardmesh_windows", False):
+        return
+    original_init = Yamux.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.stream_buffers = _WindowedBuffers(self)
+
+    init._shardmesh_windows = True  # type: ignore[attr-defined]
+    Yamux.__init__ = init  # type: ignore[method-assign]
+
+
+class _WindowedBuffers(dict[int, bytearray]):
+    """Yamux's stream_id -> buffer map, whose buffers check every extend()."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__()
+        self.conn = conn
+        self.closing = False
+
+    def __setitem__(self, stream_id: int, buf: bytearray) -> None:
+        if type(buf) is bytearray:
+            buf = _StreamBuffer(self, stream_id, buf)
+        super().__setitem__(stream_id, buf)
+
+    def refuse(self, why: str) -> WindowExceeded:
+        """Close the connection (yamux's own clean-up, as a task of its nursery: we are
+        inside its read loop) and the error that drops the frame meanwhile."""
+        nursery = getattr(self.conn, "_nursery", None)
+        if not self.closing and nursery is not None:
+            self.closing = True
+            nursery.start_soon(self.conn._cleanup_on_error)
+        return WindowExceeded(why)
+
+
+class _StreamBuffer(bytearray):
+    def __init__(self, owner: _WindowedBuffers, stream_id: int, data: bytearray) -> None:
+        super().__init__(data)
+        self.owner = owner
+        self.stream_id = stream_id
+        self.over = 0  # bytes received past the window, over the stream's life
+
+    def extend(self, data: Any) -> None:
+        owner = self.owner
+        stream = owner.conn.streams.get(self.stream_id)
+        window = max(0, stream.recv_window) if stream is not None else 0
+        self.over += max(0, len(data) - window)
+        if self.over > WINDOW_SLACK:
+            raise owner.refuse(
+                f"peer sent {self.over} bytes past the receive window of stream "
+                f"{self.stream_id}: closing its connection"
+            )
+        total = sum(len(b) for b in owner.values()) + len(data)
+        if total > MAX_CONNECTION_BUFFER:
+            raise owner.refuse(f"peer has {total} bytes buffered: closing its connection")
+        super().extend(data)
