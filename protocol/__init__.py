@@ -32,13 +32,10 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.forward import (
-    DEFAULT_MAX_DISCARD,
     DEFAULT_MAX_FRAME,
     ERROR_CODES,
     CloseSession,
     ErrorReply,
-    FrameDecoder,
-    FramingLost,
     Message,
     OpenSession,
     SessionOpened,
@@ -47,6 +44,11 @@ from protocol.forward import (
     decode_message,
     encode_frame,
     read_frame_length,
+)
+from protocol.frames import (
+    DEFAULT_MAX_DISCARD,
+    FrameDecoder,
+    FramingLost,
 )
 from protocol.ids import (
     CAPACITY_TOPIC,

@@ -55,18 +55,20 @@ import enum
 
 from protocol.errors import ProtocolError
 from protocol.forward import (
-    DEFAULT_MAX_DISCARD,
     DEFAULT_MAX_FRAME,
     CloseSession,
     ErrorReply,
-    FrameDecoder,
-    FramingLost,
     Message,
     OpenSession,
     SessionOpened,
     Step,
     StepResult,
     encode_frame,
+)
+from protocol.frames import (
+    DEFAULT_MAX_DISCARD,
+    FrameDecoder,
+    FramingLost,
 )
 
 

@@ -56,6 +56,7 @@ def build_targets() -> dict[str, Target]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from protocol import ads, codec, forward, tensors
+    from protocol import frames as framing  # `frames` names the encoded frames below
 
     key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
     peer = ads.peer_id_from_ed25519(ads.public_key_raw(key))
@@ -123,7 +124,7 @@ def build_targets() -> dict[str, Target]:
         if not data:
             return
         step = data[0] + 1
-        dec = forward.FrameDecoder(max_frame=FRAME_MAX)
+        dec = framing.FrameDecoder(max_frame=FRAME_MAX)
         try:
             for i in range(1, len(data), step):
                 dec.feed(data[i : i + step])
@@ -189,6 +190,7 @@ def _connection_targets() -> dict[str, Target]:
     except ImportError:
         return {}
     from protocol import forward
+    from protocol import frames as framing
     from protocol.errors import ProtocolError
 
     role_of = {0: connection.Role.CLIENT, 1: connection.Role.SERVER}
@@ -223,11 +225,11 @@ def _connection_targets() -> dict[str, Target]:
             while True:
                 try:
                     event = conn.next_event()
-                except forward.FramingLost:
+                except framing.FramingLost:
                     assert conn.state is state.FAILED and conn.buffered == 0, "not failed"
                     try:
                         conn.next_event()
-                    except forward.FramingLost:
+                    except framing.FramingLost:
                         log.append("lost")
                         return log
                     raise AssertionError("connection usable after FramingLost") from None

@@ -32,7 +32,9 @@ from agent.policy.peertable import (
 from agent.policy.placement import choose_span, coverage, coverage_runs
 from protocol import AdRejected, AdValidator, decode_signed_ad, encode_signed_ad
 from protocol.ads import MAX_BLOCKS, MAX_TTL
-from protocol.forward import MAX_BLOCK_INDEX
+from protocol.forward import (
+    MAX_BLOCK_INDEX,
+)
 
 MODEL = "tiny-llama@ab12cd34"
 _ad = partial(ad, ttl=10.0)

@@ -28,17 +28,19 @@ from protocol import (
 )
 from protocol.codec import pack
 from protocol.forward import (
-    DEFAULT_MAX_DISCARD,
     FRAME_PREFIX_LEN,
     CloseSession,
     ErrorReply,
-    FrameDecoder,
     Message,
     OpenSession,
     SessionOpened,
     Step,
     StepResult,
     encode_frame,
+)
+from protocol.frames import (
+    DEFAULT_MAX_DISCARD,
+    FrameDecoder,
 )
 from protocol.tensors import TensorFrame
 

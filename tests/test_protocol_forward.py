@@ -19,7 +19,6 @@ from protocol.forward import (
     MAX_ERROR_MESSAGE_LEN,
     CloseSession,
     ErrorReply,
-    FrameDecoder,
     Message,
     OpenSession,
     SessionOpened,
@@ -28,6 +27,9 @@ from protocol.forward import (
     decode_message,
     encode_frame,
     read_frame_length,
+)
+from protocol.frames import (
+    FrameDecoder,
 )
 from protocol.tensors import TensorFrame
 

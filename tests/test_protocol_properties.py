@@ -5,7 +5,7 @@ ProtocolError: never another exception, never a hang, never memory out of propor
 input. Where a decoder accepts something, re-encoding it must give back an equal message.
 
 Decoders covered: codec.unpack_map, tensors.tensor_from_wire, forward.read_frame_length,
-forward.decode_message, forward.FrameDecoder, ads.decode_signed_ad, ads.AdValidator.check,
+forward.decode_message, frames.FrameDecoder, ads.decode_signed_ad, ads.AdValidator.check,
 ids.parse_version (ValueError by contract; callers wrap it).
 """
 
@@ -44,7 +44,6 @@ from protocol.forward import (
     FRAME_PREFIX_LEN,
     CloseSession,
     ErrorReply,
-    FrameDecoder,
     Message,
     OpenSession,
     SessionOpened,
@@ -53,6 +52,9 @@ from protocol.forward import (
     decode_message,
     encode_frame,
     read_frame_length,
+)
+from protocol.frames import (
+    FrameDecoder,
 )
 from protocol.ids import parse_version
 from protocol.tensors import WIRE_DTYPES, TensorFrame, tensor_from_wire, tensor_to_wire
