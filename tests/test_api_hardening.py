@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.api.httpapi import ApiServer, HostNames, check_json_type
+from agent.api.guards import HostNames, check_json_type
+from agent.api.httpapi import ApiServer
 from agent.api.openai_format import ApiError
 from agent.config import AgentConfig, ApiConfig, ConfigError, load_config
 from agent.config.validation import parse_server_name, validate
