@@ -175,26 +175,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.api import control
-    from agent.cli import render
-
-    result = control.request(_control_path(args), "status", timeout=5.0)
-    if args.json:
-        _print_json(result)
-    else:
-        sys.stdout.write(render.status_table(result))
-    return EXIT_OK
+    return _show(args, "status", "status_table")
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
+    return _show(args, "peers", "peers_table")
+
+
+def _show(args: argparse.Namespace, cmd: str, table: str) -> int:
+    """Ask the agent for `cmd` and print its JSON, or the table render.`table` makes of it."""
     from agent.api import control
     from agent.cli import render
 
-    result = control.request(_control_path(args), "peers", timeout=5.0)
+    result = control.request(_control_path(args), cmd, timeout=5.0)
     if args.json:
         _print_json(result)
     else:
-        sys.stdout.write(render.peers_table(result))
+        sys.stdout.write(getattr(render, table)(result))
     return EXIT_OK
 
 
