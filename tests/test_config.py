@@ -25,6 +25,7 @@ CLIENT_KEYS = {
     "max_failovers": "max_failovers",
     "failed_peer_cooldown": "failed_peer_cooldown_s",
     "reroute_wait": "reroute_wait_s",
+    "loading_wait": "loading_wait_s",
     "wire_dtype": "wire_dtype",
     "max_chunk_bytes": "max_chunk_bytes",
     "verify": "verify_fraction",
@@ -162,6 +163,9 @@ class _Head:
 
 
 class _Parts:
+    async def n_blocks(self, model_dir: Path, model_id: str) -> int:
+        return 4
+
     async def get(self, model_dir: Path, model_id: str) -> tuple[Any, Any]:
         return _Head(), None
 

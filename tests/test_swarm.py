@@ -18,6 +18,7 @@ from agentproc import Agent, cli, free_port, start_many, stop_all, wait_for
 from agent.config import MeshConfig, SwarmConfig
 from agent.net.identity import load_or_create_identity
 from agent.net.mesh import Mesh, open_mesh
+from agent.net.upstream import MAX_CONNECTION_BUFFER, STRANGER_BUFFER, buffer_budget
 
 SECRET = "private-swarm-secret-for-tests-0123456789abcdef"
 OTHER = "some-other-swarm-secret-nobody-else-uses-0123456"
@@ -54,6 +55,14 @@ async def _meshes(tmp: Path, *secrets: str | None) -> AsyncIterator[list[Mesh]]:
         yield out
 
 
+def _budgets(mesh: Mesh, other: Mesh) -> list[int | None]:
+    """The yamux guard's budget of each of `mesh`'s connections to `other`."""
+    from libp2p.peer.id import ID
+
+    conns = mesh.host.get_network().get_connections(ID.from_base58(other.peer_id))
+    return [buffer_budget(c.muxed_conn) for c in conns]
+
+
 def _echo_counter(mesh: Mesh) -> list[str]:
     """Serve ECHO on `mesh`; returns the list of peers whose streams reached the handler."""
     reached: list[str] = []
@@ -85,6 +94,9 @@ async def test_members_meet_and_gossip(tmp_path: Path) -> None:
         assert a.gate is not None and b.gate is not None
         assert a.gate.status()["swarm"]["verified_peers"] == 1
         assert a.gate.fingerprint == b.gate.fingerprint
+        # b dialled a: a's side of the connection was a stranger's (a small budget for unread
+        # bytes) until b proved the secret.
+        assert _budgets(a, b) == [MAX_CONNECTION_BUFFER]
         # Pubsub links members once admitted (a test topic: the capacity topic's validator
         # wants signed ads, which the agent tests below exchange).
         got: list[bytes] = []
@@ -129,6 +141,39 @@ async def test_unproven_peer_reaches_nothing(tmp_path: Path, intruder: str | Non
             await a.dial(x.listen_addrs())
 
 
+async def test_an_unproven_peer_gets_few_held_streams(tmp_path: Path) -> None:
+    """Streams of a peer still proving itself are held unread, at most held_streams_per_peer
+    of them; one more is reset at once (each could otherwise hold a window of data)."""
+    from libp2p.peer.id import ID
+
+    async with _meshes(tmp_path, SECRET, None) as (a, x):
+        _echo_counter(a)
+        assert a.gate is not None
+        cap = a.gate.limits.held_streams_per_peer
+        outcomes: list[str] = []
+
+        async def one() -> None:
+            try:
+                stream = await x.host.new_stream(ID.from_base58(a.peer_id), [ECHO])
+                await stream.write(b"ping")
+                outcomes.append("reset" if not await stream.read(100) else "answered")
+            except Exception:
+                outcomes.append("reset")
+
+        with trio.fail_after(AUTH_TIMEOUT + 10):
+            await x.dial(a.listen_addrs())
+            # Inbound and unproven: the small budget.
+            assert _budgets(a, x) == [STRANGER_BUFFER]
+            async with trio.open_nursery() as nursery:
+                for _ in range(cap + 10):
+                    nursery.start_soon(one)
+        assert outcomes.count("answered") == 0
+        # At least the 10 over the cap were reset on arrival (a few more may be, if some of
+        # the first ones failed their negotiation as the connection was closed).
+        assert a.gate.refused_streams >= 10, a.gate.status()
+        assert a.gate.status()["swarm"]["held_streams_refused"] == a.gate.refused_streams
+
+
 async def test_member_dialling_an_open_agent_parts_with_both_counting(tmp_path: Path) -> None:
     async with _meshes(tmp_path, SECRET, None) as (a, o):
         with trio.fail_after(10), pytest.raises(ConnectionError, match="no_secret"):
@@ -171,6 +216,7 @@ async def test_lists_in_an_open_swarm(tmp_path: Path) -> None:
             "deny": 1,
             "verified_peers": 1,
             "dropped_ads": 0,
+            "held_streams_refused": 0,
         }
         # The gate does not dial a listed-out peer at all.
         with pytest.raises(ConnectionError, match="deny list"):

@@ -15,7 +15,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-
 @dataclass(frozen=True)
 class LimitsConfig:
     """Per-agent serving limits, enforced before any work is done."""
@@ -24,6 +23,15 @@ class LimitsConfig:
     max_session_tokens: int = 4096
     max_batch: int = 16
     max_frame_bytes: int = 64 * 1024 * 1024
+    # Continuous batching (agent.serve.batcher): one forward carries at most this many
+    # sequences and tokens (rows x new tokens); a longer step (a prefill) runs in chunks of
+    # batch_prefill_chunk tokens between other sessions' decode steps.
+    max_batch_rows: int = 32
+    max_batch_tokens: int = 512
+    batch_prefill_chunk: int = 256
+    # KV-cache memory is reserved in pages of this many tokens as a session grows, not at
+    # its max_length up front (a step that needs a page that does not fit is refused).
+    kv_page_tokens: int = 256
     session_idle_timeout: float = 120.0
     # Fraction of the device's free memory (after loading blocks) the KV caches may use.
     kv_memory_fraction: float = 0.5
@@ -49,6 +57,11 @@ class LimitsConfig:
     # unprotected peer makes room), and new peer ids one relaying peer may introduce a minute.
     max_known_peers: int = 1024
     new_peers_per_minute: float = 120.0
+    # Bytes a connection a stranger opened may leave unread on its streams until the peer
+    # proves the swarm secret or does something useful (agent.net.upstream); streams the
+    # swarm gate holds for one unproven peer (one more is reset at once).
+    stranger_buffer_bytes: int = 1024 * 1024
+    held_streams_per_peer: int = 16
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,10 @@ class ClientConfig:
     failed_peer_cooldown_s: float = field(default=60.0, metadata=_key("failed_peer_cooldown"))
     # How long to wait for a replacement to appear in the peer table.
     reroute_wait_s: float = field(default=10.0, metadata=_key("reroute_wait"))
+    # How long a generation waits for blocks that peers are still loading (they announce
+    # "joining") before it fails with "loading" (the HTTP API: 503 with Retry-After); a
+    # request may bring its own (`shardmesh generate` waits up to its --timeout).
+    loading_wait_s: float = field(default=60.0, metadata=_key("loading_wait"))
     wire_dtype: str = "float32"
     max_chunk_bytes: int = 16 * 1024 * 1024  # prefill/replay chunks stay well under frames
     # Verified outputs (agent.route.verify): the share of steps each hop also runs on a

@@ -43,7 +43,16 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError("max_blocks: must be 0 (as memory allows) or positive")
     parse_blocks(cfg.blocks)
     lim = cfg.limits
-    for key in ("max_sessions", "max_session_tokens", "max_batch", "max_frame_bytes"):
+    for key in (
+        "max_sessions",
+        "max_session_tokens",
+        "max_batch",
+        "max_frame_bytes",
+        "max_batch_rows",
+        "max_batch_tokens",
+        "batch_prefill_chunk",
+        "kv_page_tokens",
+    ):
         if getattr(lim, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
     if not 0 < lim.kv_memory_fraction <= 1:
@@ -58,12 +67,15 @@ def validate(cfg: AgentConfig) -> None:
         "per_peer_sessions",
         "per_peer_streams",
         "max_known_peers",
+        "held_streams_per_peer",
     ):
         if getattr(lim, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
     for key in ("per_peer_requests_per_s", "per_peer_bytes_per_s", "new_peers_per_minute"):
         if getattr(lim, key) <= 0:
             raise ConfigError(f"limits.{key}: must be positive")
+    if not 64 * 1024 <= lim.stranger_buffer_bytes <= 64 * 1024 * 1024:
+        raise ConfigError("limits.stranger_buffer_bytes: must be between 64 KiB and 64 MiB")
     if lim.per_peer_kv_tokens < 0:
         raise ConfigError(
             "limits.per_peer_kv_tokens: must be 0 (per_peer_kv_share of the budget) or positive"
@@ -167,7 +179,7 @@ def validate_client(client: ClientConfig) -> None:
     for key in ("step_timeout", "open_timeout", "verify_tolerance"):
         if not 0 < getattr(client, names[key]) < math.inf:
             raise ConfigError(f"client.{key}: must be positive")
-    for key in ("max_failovers", "failed_peer_cooldown", "reroute_wait"):
+    for key in ("max_failovers", "failed_peer_cooldown", "reroute_wait", "loading_wait"):
         if not 0 <= getattr(client, names[key]) < math.inf:
             raise ConfigError(f"client.{key}: must not be negative")
     if client.wire_dtype not in DTYPES:

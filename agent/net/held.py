@@ -20,6 +20,7 @@ class PeerState:
     reason: str = ""
     decided: trio.Event = field(default_factory=trio.Event)
     initiated: bool = False
+    holding: int = 0  # its streams the gate holds now
     # Pubsub "connected" notifications held until the peer is verified.
     held: list[tuple[HeldNotifee, INetwork, INetConn]] = field(default_factory=list)
 

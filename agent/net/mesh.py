@@ -39,7 +39,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from agent.config import MeshConfig
 from agent.multiaddrs import split_peer_addr
 from agent.net.swarm import SwarmGate
-from agent.net.upstream import bound_multiselect_reads, enforce_yamux_windows
+from agent.net.upstream import bound_multiselect_reads, enforce_yamux_windows, trust_peer
 from protocol import AdRejected, AdValidator, CapacityAd
 from protocol.ids import CAPACITY_TOPIC
 
@@ -193,6 +193,9 @@ class Mesh:
                 self._refuse(reason)
                 log.debug("refused ad from %s via %s: %s", sender, relay, reason)
                 return False
+        if sender == relay:
+            # A valid ad of its own: an agent, not a stranger (agent.net.upstream budgets).
+            trust_peer(self.host.get_network(), forwarder)
         self.ad_delays_ms.append((time.time() - ad.timestamp) * 1000)
         self._accepted[_msg_key(msg)] = ad
         while len(self._accepted) > 1024:
@@ -311,7 +314,9 @@ async def open_mesh(cfg: MeshConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
     """Start the host listening on cfg.listen and join the capacity topic."""
     _install_signed_record_cache()
     bound_multiselect_reads()  # a stranger's claimed lengths, before Noise and the gate
-    enforce_yamux_windows()  # data past a stream's receive window closes the connection
+    # Data past a stream's receive window, or a stranger's connection over its budget,
+    # closes the connection.
+    enforce_yamux_windows(cfg.limits.stranger_buffer_bytes)
     host = make_host(key_pair, mdns=cfg.mdns)
     router = make_router()
     pubsub = Pubsub(host, router, strict_signing=True, seen_ttl=120)

@@ -41,6 +41,7 @@ from agent.net.swarmauth import (
     run_handshake,
     send_refusal,
 )
+from agent.net.upstream import REFUSED_CONNECTIONS, trust_peer
 from agent.policy.peerlimits import connection_verdict
 from protocol.swarm import (
     REFUSE_REASONS,
@@ -82,6 +83,7 @@ class SwarmGate(INotifee):
         del secret
         self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
         self.dropped_ads = 0
+        self.refused_streams = 0  # streams of unproven peers over held_streams_per_peer
         self._states: dict[ID, PeerState] = {}
         self._backoff: dict[str, tuple[int, float]] = {}  # peer -> (failures, until)
         self._nursery: trio.Nursery | None = None
@@ -226,6 +228,7 @@ class SwarmGate(INotifee):
         self._backoff.pop(peer.to_base58(), None)
         if self._key is not None:
             log.info("peer %s proved the swarm secret", peer)
+        trust_peer(self.host.get_network(), peer)
         for notifee, network, conn in state.held:
             self._spawn(notifee.release, network, conn)
         state.held.clear()
@@ -346,8 +349,18 @@ class SwarmGate(INotifee):
             peer = stream.muxed_conn.peer_id
             state = self._state_for(peer, stream.muxed_conn)
             if state.status == "pending":
-                with trio.move_on_after(self.auth_timeout + 1.0):
-                    await state.decided.wait()
+                if state.holding >= self.limits.held_streams_per_peer:
+                    # An unproven peer opening stream after stream: each could hold data.
+                    self.refused_streams += 1
+                    with contextlib.suppress(Exception):
+                        await stream.reset()
+                    return
+                state.holding += 1
+                try:
+                    with trio.move_on_after(self.auth_timeout + 1.0):
+                        await state.decided.wait()
+                finally:
+                    state.holding -= 1
             if state.status == "verified" and self._states.get(peer) is state:
                 await handler(stream)
                 return
@@ -408,7 +421,10 @@ class SwarmGate(INotifee):
                 if self.gating
                 else None,
                 "dropped_ads": self.dropped_ads,
+                "held_streams_refused": self.refused_streams,
             },
+            # Connections agent.net.upstream closed: data past a window, or over the budget.
+            "buffer_refused": {k: v for k, v in REFUSED_CONNECTIONS.items() if v},
             "swarm_refused": {k: v for k, v in self.refused.items() if v},
         }
 

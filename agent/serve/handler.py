@@ -24,6 +24,7 @@ import trio
 
 from agent.config import LimitsConfig
 from agent.net.framed import READ_CHUNK, FramedStream, StreamGone
+from agent.net.upstream import trust
 from agent.policy.peerlimits import LimitExceeded, PeerLimits
 from agent.serve.admission import RequestRejected
 from agent.serve.sessions import Session
@@ -126,6 +127,8 @@ class StreamHandler:
                     if isinstance(msg, OpenSession):
                         session = serving.open_session(peer, msg)
                         session.stream, session.handler = stream, scope
+                        # A session admitted: the peer is no stranger to the yamux guard.
+                        trust(stream.muxed_conn)
                         reply: Any = SessionOpened(
                             session_id=session.id,
                             max_length=session.max_length,
