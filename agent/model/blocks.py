@@ -3,19 +3,29 @@
 Only the span's tensors are read. Blocks are the model's own classes (built from the config by
 layer index), so the numbers match the full Hugging Face model; what the full model's forward
 adds around them (positions, rotary cos/sin, the causal mask) is rebuilt here in a way that does
-not depend on holding block 0 or on transformers' internal mask helpers.
+not depend on holding block 0 or on transformers' internal mask helpers. `forward_batch` runs
+the steps of several sessions as one pass (the padding and masks are in agent.model.batching).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from agent.model.batching import (
+    BatchKV,
+    BatchLayout,
+    batch_mask,
+    batch_positions,
+    pad_queries,
+    split_rows,
+)
 from agent.model.checkpoint import open_checkpoint
 from agent.model.families import (
     Family,
@@ -57,6 +67,15 @@ class SessionCache:
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
+
+
+class BatchItem(NamedTuple):
+    """One session's step in `ShardModel.forward_batch`: the arguments of `forward`."""
+
+    cache: SessionCache
+    hidden: torch.Tensor  # [b_i, q_i, hidden]
+    position: int  # the session's cached length
+    span: tuple[int, int] | None = None  # blocks [s, e); None: all the loaded blocks
 
 
 class ShardModel:
@@ -162,29 +181,8 @@ class ShardModel:
         keeps the span of its first step. `position` must equal the session's cached length.
         On any exception the cache is left exactly as it was before the call.
         """
-        first, last = (self.start, self.end) if span is None else span
-        if not self.start <= first < last <= self.end:
-            raise ValueError(
-                f"blocks [{first}, {last}) are not within the served [{self.start}, {self.end})"
-            )
-        if cache.span is not None and cache.span != (first, last):
-            raise ValueError(
-                f"the session runs blocks [{cache.span[0]}, {cache.span[1]}), not [{first}, {last})"
-            )
-        if position != cache.length:
-            raise PositionError(
-                f"step at position {position}, but the session holds {cache.length} tokens"
-            )
-        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or hidden.shape[1] == 0:
-            raise ValueError(
-                f"hidden states must be [batch, tokens>0, {self.hidden_size}], "
-                f"got {list(hidden.shape)}"
-            )
-        if not hidden.is_floating_point():
-            raise ValueError(f"hidden states must be floating point, got {hidden.dtype}")
+        first, last = self.check_step(cache, hidden, position, span=span)
         b, q, _ = hidden.shape
-        if cache.batch is not None and b != cache.batch:
-            raise ValueError(f"batch {b} does not match the session's batch {cache.batch}")
         with torch.inference_mode():
             h = hidden.to(device=self.device, dtype=self.dtype)
             positions = torch.arange(position, position + q, device=self.device).unsqueeze(0)
@@ -213,6 +211,130 @@ class ShardModel:
             cache.batch = b
             cache.span = (first, last)
         return h
+
+    def check_step(
+        self,
+        cache: SessionCache,
+        hidden: torch.Tensor,
+        position: int,
+        *,
+        span: tuple[int, int] | None = None,
+    ) -> tuple[int, int]:
+        """The checks `forward` and `forward_batch` make of one step, without running it: the
+        span [s, e) the step runs, or PositionError / ValueError. Touches nothing."""
+        first, last = (self.start, self.end) if span is None else span
+        if not self.start <= first < last <= self.end:
+            raise ValueError(
+                f"blocks [{first}, {last}) are not within the served [{self.start}, {self.end})"
+            )
+        if cache.span is not None and cache.span != (first, last):
+            raise ValueError(
+                f"the session runs blocks [{cache.span[0]}, {cache.span[1]}), not [{first}, {last})"
+            )
+        if position != cache.length:
+            raise PositionError(
+                f"step at position {position}, but the session holds {cache.length} tokens"
+            )
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or hidden.shape[1] == 0:
+            raise ValueError(
+                f"hidden states must be [batch, tokens>0, {self.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise ValueError(f"hidden states must be floating point, got {hidden.dtype}")
+        b = hidden.shape[0]
+        if cache.batch is not None and b != cache.batch:
+            raise ValueError(f"batch {b} does not match the session's batch {cache.batch}")
+        return first, last
+
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[torch.Tensor]:
+        """Run the steps of several sessions as one pass over the blocks (continuous batching).
+
+        Each item is one session's step, as `forward(item.cache, item.hidden, item.position,
+        span=item.span)` would run it: hidden [b_i, q_i, hidden] at positions
+        [position, position + q_i). Items may differ in cached length, in q (a prefill chunk
+        next to single-token decodes) and in b_i. Returns each item's output [b_i, q_i, hidden],
+        in the order of `items`, equal to the solo step's up to float rounding, and leaves each
+        session's cache as the solo step would (same shapes and length; later solo or batched
+        steps continue it).
+
+        Checked before anything runs: each item gets `check_step`'s checks, the first failure
+        re-raised as the same type (PositionError, ValueError) prefixed "batch item {i}: " (a
+        scheduler can call `check_step` per session first, to drop only the bad one); then
+        ValueError when the items do not all run the same span (None meaning all the loaded
+        blocks; the caller groups by span) or when one session appears twice. All or nothing:
+        on any exception, then or later, every item's cache is left exactly as it was. One item
+        runs `forward` itself; no items return [].
+        """
+        items = [BatchItem(*item) for item in items]
+        if not items:
+            return []
+        spans = []
+        for i, (cache, hidden, position, span) in enumerate(items):
+            try:
+                spans.append(self.check_step(cache, hidden, position, span=span))
+            except ValueError as e:
+                raise type(e)(f"batch item {i}: {e}") from e
+        if len(set(spans)) > 1:
+            raise ValueError(
+                "the items of a batch must run the same blocks, got "
+                + ", ".join(f"[{s}, {e})" for s, e in dict.fromkeys(spans))
+            )
+        if len({id(item.cache) for item in items}) < len(items):
+            raise ValueError("a session appears more than once in the batch")
+        first, last = spans[0]
+        if len(items) == 1:
+            item = items[0]
+            return [self.forward(item.cache, item.hidden, item.position, span=(first, last))]
+        layout = BatchLayout(
+            batches=tuple(item.hidden.shape[0] for item in items),
+            steps=tuple(item.hidden.shape[1] for item in items),
+            lengths=tuple(item.position for item in items),
+        )
+        caches = [item.cache for item in items]
+        with torch.inference_mode():
+            h = pad_queries(layout, [i.hidden for i in items], dtype=self.dtype, device=self.device)
+            positions = batch_positions(layout, self.device)
+            pos_emb = self.rotary(h, positions) if self.rotary is not None else None
+            lo, hi = first - self.start, last - self.start
+            windows = self._windows[lo:hi]
+            masks: dict[int | None, torch.Tensor | None] = {}
+            for w in set(windows):
+                if layout.uniform:  # one ordinary step of `rows` sequences
+                    masks[w] = causal_mask(
+                        layout.rows,
+                        layout.q_max,
+                        layout.l_max,
+                        w,
+                        dtype=self.dtype,
+                        device=self.device,
+                    )
+                else:
+                    masks[w] = batch_mask(layout, w, dtype=self.dtype, device=self.device)
+            kv = BatchKV(layout, [c.kv for c in caches])
+            for block, window in zip(self.blocks[lo:hi], windows, strict=True):
+                out = self._call(
+                    block,
+                    h,
+                    cache=kv,
+                    mask=masks[window],
+                    position_ids=positions,
+                    position_embeddings=pos_emb,
+                )
+                h = out[0] if isinstance(out, tuple) else out
+            results = split_rows(layout, h)
+            saved = [_snapshot(c.kv) for c in caches]
+            try:
+                kv.commit()
+            except BaseException:
+                for c, state in zip(caches, saved, strict=True):
+                    _restore(c.kv, state)
+                raise
+            for c, b, q in zip(caches, layout.batches, layout.steps, strict=True):
+                c.length += q
+                c.batch = b
+                c.span = (first, last)
+        return results
 
     def kv_bytes_per_token(self, batch: int = 1) -> int:
         """KV-cache bytes one token of one session costs on this span."""
