@@ -258,3 +258,35 @@ def test_bytes_are_charged_as_they_arrive_and_slow_the_reader() -> None:
     assert lim.charge_bytes("other", 1000) == 0  # nobody else notices
     status = lim.status()
     assert status["bytes_charged"] == 3500 and status["throttled_reads"] == 2
+
+
+TRUSTED = "12D3KooWTrustedApiAgent0000000000000000000000000"
+
+
+def test_trusted_peers_get_the_agents_limits_strangers_keep_their_share() -> None:
+    """An API agent the owner runs (limits.trusted_peers) may hold every session, stream and
+    KV byte of the agent; any other peer id still gets a stranger's share."""
+    cfg = LimitsConfig(max_sessions=32, per_peer_streams=8, trusted_peers=(TRUSTED,))
+    lim = PeerLimits(cfg, clock=Clock())
+    lim.set_kv_budget(1000, 1)  # a quarter: 250 bytes for a stranger
+    for _ in range(32):
+        lim.open_stream(TRUSTED)
+        lim.open_session(TRUSTED, 30)  # 960 bytes in all: past a stranger's 250
+    with pytest.raises(LimitExceeded) as err:
+        lim.open_session(TRUSTED, 0)
+    assert err.value.code == "too_many_sessions"  # max_sessions still holds
+    with pytest.raises(LimitExceeded):
+        lim.open_stream(TRUSTED)
+    lim.grow_session(TRUSTED, 500)
+    for _ in range(8):
+        lim.open_stream("stranger")
+    with pytest.raises(LimitExceeded):
+        lim.open_stream("stranger")
+    with pytest.raises(LimitExceeded) as err:
+        lim.open_session("stranger", 251)
+    assert err.value.code == "kv_budget"
+    lim.open_session("stranger", 200)
+    with pytest.raises(LimitExceeded) as err:
+        lim.grow_session("stranger", 51)  # a page past its share
+    assert err.value.code == "kv_budget"
+    lim.grow_session("stranger", 50)

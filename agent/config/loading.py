@@ -20,7 +20,14 @@ from agent.config.sections import (
 from agent.config.validation import validate
 
 _PATH_KEYS = {"state_dir", "control", "model", "swarm.secret_file", "api.key_file"}
-_LIST_KEYS = {"listen", "bootstrap", "swarm.allow", "swarm.deny", "api.server_names"}
+_LIST_KEYS = {
+    "listen",
+    "bootstrap",
+    "swarm.allow",
+    "swarm.deny",
+    "api.server_names",
+    "limits.trusted_peers",
+}
 _PATH_LIST_KEYS = {"api.model_dirs"}
 # Tables in the file, each one frozen dataclass on AgentConfig.
 SECTIONS: dict[str, type] = {

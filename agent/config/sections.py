@@ -62,6 +62,9 @@ class LimitsConfig:
     # swarm gate holds for one unproven peer (one more is reset at once).
     stranger_buffer_bytes: int = 1024 * 1024
     held_streams_per_peer: int = 16
+    # Peer ids held only to the agent's own limits, not to one peer's share: your own HTTP
+    # API agents, whose many users reach every server as one peer.
+    trusted_peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ def validate(cfg: AgentConfig) -> None:
             raise ConfigError(f"limits.{key}: must be positive")
     if not 64 * 1024 <= lim.stranger_buffer_bytes <= 64 * 1024 * 1024:
         raise ConfigError("limits.stranger_buffer_bytes: must be between 64 KiB and 64 MiB")
+    for pid in lim.trusted_peers:
+        if not pid.isalnum() or len(pid) < 40:
+            raise ConfigError(f"limits.trusted_peers: {pid!r} is not a peer id")
     if lim.per_peer_kv_tokens < 0:
         raise ConfigError(
             "limits.per_peer_kv_tokens: must be 0 (per_peer_kv_share of the budget) or positive"

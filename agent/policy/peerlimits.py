@@ -118,6 +118,18 @@ class PeerLimits:
         share = max(MIN_SHARE_SESSIONS, int(lim.max_sessions * lim.per_peer_session_share))
         return min(lim.per_peer_sessions, share)
 
+    def trusted(self, peer: str) -> bool:
+        """`limits.trusted_peers`: agents the owner runs (an HTTP API agent routing many
+        users' generations shows up here as one peer). They are held to the agent's own
+        limits (max_sessions, the KV budget), not to a stranger's share; rates still apply."""
+        return peer in self.limits.trusted_peers
+
+    def _session_cap(self, peer: str) -> int:
+        return self.limits.max_sessions if self.trusted(peer) else self.session_cap
+
+    def _kv_cap(self, peer: str) -> int:
+        return 0 if self.trusted(peer) else self.kv_cap_bytes
+
     def _peer(self, peer: str, now: float) -> _Peer:
         entry = self._peers.get(peer)
         if entry is None:
@@ -192,7 +204,7 @@ class PeerLimits:
         """Count a new forward stream of `peer`, or raise LimitExceeded("too_many_streams")
         (counted in `refused`; the stream is reset, no error code goes on the wire)."""
         entry = self._peer(peer, self.clock())
-        cap = self.limits.per_peer_streams
+        cap = self.limits.max_sessions if self.trusted(peer) else self.limits.per_peer_streams
         if entry.streams >= cap:
             raise self._refuse(
                 "too_many_streams", f"this peer already has {cap} forward streams open here"
@@ -212,19 +224,30 @@ class PeerLimits:
     def open_session(self, peer: str, kv_bytes: int) -> None:
         """Count a new session of `peer` reserving `kv_bytes`, or raise LimitExceeded."""
         entry = self._peer(peer, self.clock())
-        cap = self.session_cap
+        cap = self._session_cap(peer)
         if entry.sessions >= cap:
             raise self._refuse(
                 "too_many_sessions", f"this peer already has {cap} sessions open here"
             )
-        if self.kv_cap_bytes and entry.kv_bytes + kv_bytes > self.kv_cap_bytes:
+        self._check_kv(peer, entry, kv_bytes)
+        entry.sessions += 1
+        entry.kv_bytes += kv_bytes
+
+    def grow_session(self, peer: str, kv_bytes: int) -> None:
+        """One of `peer`'s sessions reserves `kv_bytes` more (its cache grew by a page), or
+        LimitExceeded when that would pass the peer's KV share."""
+        entry = self._peer(peer, self.clock())
+        self._check_kv(peer, entry, kv_bytes)
+        entry.kv_bytes += kv_bytes
+
+    def _check_kv(self, peer: str, entry: _Peer, kv_bytes: int) -> None:
+        cap = self._kv_cap(peer)
+        if cap and entry.kv_bytes + kv_bytes > cap:
             raise self._refuse(
                 "kv_budget",
                 f"this peer's sessions would hold {entry.kv_bytes + kv_bytes} bytes of "
-                f"KV cache; its share here is {self.kv_cap_bytes}",
+                f"KV cache; its share here is {cap}",
             )
-        entry.sessions += 1
-        entry.kv_bytes += kv_bytes
 
     def close_session(self, peer: str, kv_bytes: int) -> None:
         entry = self._peers.get(peer)

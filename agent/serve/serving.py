@@ -27,6 +27,8 @@ from agent.serve.admission import (
     check_open,
     check_step,
 )
+from agent.serve.batcher import StepBatcher
+from agent.serve.batchplan import BatchBounds
 from agent.serve.handler import WRITE_TIMEOUT_S, StreamHandler
 from agent.serve.host import ServingHost
 from agent.serve.placing import auto_place
@@ -35,11 +37,10 @@ from agent.serve.stats import STEP_SECONDS
 from protocol import FORWARD_PROTOCOL_ID, OpenSession, Step, StepResult
 
 if TYPE_CHECKING:
-    import torch
-
     from agent.model.blocks import ShardModel
 
 log = logging.getLogger("shardmesh.serving")
+
 
 class Serving:
     """The serving part of one agent; created before the mesh starts, started inside it."""
@@ -58,6 +59,16 @@ class Serving:
         self.sessions: dict[str, Session] = {}
         self._reserved = 0
         self._compute = trio.CapacityLimiter(1)  # one forward at a time on the device
+        # Steps of concurrent sessions share forwards (continuous batching).
+        self.batcher = StepBatcher(
+            BatchBounds(
+                max_rows=cfg.limits.max_batch_rows,
+                max_tokens=cfg.limits.max_batch_tokens,
+                prefill_chunk=cfg.limits.batch_prefill_chunk,
+            ),
+            self._compute,
+        )
+        self.batcher.attach(lambda: self.shard)
         self.tokens_served = 0
         self.peer_limits = PeerLimits(cfg.limits)  # one peer over a limit: only it notices
         self.handler = StreamHandler(self)
@@ -121,6 +132,7 @@ class Serving:
     def open_protocol(self, host: ServingHost, nursery: trio.Nursery) -> None:
         """Answer the forward protocol (requests get "busy" while no blocks are loaded)."""
         host.set_stream_handler(FORWARD_PROTOCOL_ID, self.handler.handle_stream)
+        nursery.start_soon(self.batcher.loop)
         nursery.start_soon(self._log_load)
 
     async def load(self, host: ServingHost) -> None:
@@ -246,6 +258,14 @@ class Serving:
             "span": list(self.span) if self._span_chosen else None,
             "loaded": self.shard is not None,
             "sessions": len(self.sessions),
+            "batch": {
+                "last_rows": self.batcher.last_rows,
+                "waiting": self.batcher.waiting,
+                "forwards": self.batcher.forwards,
+                "mean_rows": round(self.batcher.rows_total / self.batcher.forwards, 2)
+                if self.batcher.forwards
+                else 0.0,
+            },
             "throughput": round(self.throughput, 1),
             "kv_free_tokens": self.kv_free_tokens(),
             "tokens_served": self.tokens_served,
@@ -257,8 +277,16 @@ class Serving:
         }
 
     # --- sessions and steps ---------------------------------------------------------------
+    def _page_tokens(self, tokens: int, max_length: int) -> int:
+        """Tokens reserved for a session holding `tokens`: whole pages, within max_length."""
+        page = self.limits.kv_page_tokens
+        return min(max_length, -(-max(1, tokens) // page) * page)
+
     def open_session(self, peer: str, msg: OpenSession) -> Session:
-        need = self._kv_bytes(msg.start, msg.end, msg.max_length * msg.batch) if self.shard else 0
+        # KV memory is reserved a page at a time as the session grows (_grow_reservation):
+        # many short sessions fit where their max_length would not.
+        first = self._page_tokens(1, msg.max_length)
+        need = self._kv_bytes(msg.start, msg.end, first * msg.batch) if self.shard else 0
         check_open(msg, self.state(), self.limits, need)
         assert self.shard is not None
         if peer != LOCAL_PEER:
@@ -276,6 +304,7 @@ class Serving:
             dtype=msg.dtype,
             cache=self.shard.new_cache(),
             reserved_bytes=need,
+            reserved_tokens=first,
             opened=time.monotonic(),
         )
         self._reserved += need
@@ -299,6 +328,7 @@ class Serving:
             raise RequestRejected("no_session", "the session was ended: blocks unloaded")
         shape = SessionShape(session.batch, session.dtype, session.max_length, session.cache.length)
         check_step(msg, shape, self.info.hidden_size)
+        self._grow_reservation(session, session.cache.length + msg.hidden.shape[1])
         shard = self.shard
         try:
             hidden = from_frame(msg.hidden, device=shard.device)
@@ -306,14 +336,15 @@ class Serving:
             raise RequestRejected("bad_request", str(exc)) from None
         t0 = time.perf_counter()
         try:
-            out = await trio.to_thread.run_sync(
-                self._forward, session, hidden, msg.position, limiter=self._compute
+            out = await self.batcher.run(
+                session.cache, hidden, msg.position, (session.start, session.end)
             )
         except ValueError as exc:
             raise RequestRejected("bad_request", str(exc)) from None
         except Exception as exc:  # a bug or device failure: report it, keep serving
             log.exception("forward failed")
             raise RequestRejected("internal", f"forward failed: {type(exc).__name__}") from None
+        out = out.to(hidden.dtype)
         session.steps += 1
         t = msg.hidden
         self.tokens_served += t.shape[0] * t.shape[1]
@@ -321,10 +352,28 @@ class Serving:
         STEP_SECONDS.observe(elapsed / 1000)
         return StepResult(step=msg.step, hidden=to_frame(out), elapsed_ms=elapsed)
 
-    def _forward(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        assert self.shard is not None
-        out = self.shard.forward(session.cache, hidden, position, span=(session.start, session.end))
-        return out.to(hidden.dtype)
+    def _grow_reservation(self, session: Session, tokens: int) -> None:
+        """Reserve the KV pages a session needs to hold `tokens`, or refuse the step (the
+        client fails over) when the agent's budget or the peer's share has no room."""
+        want = self._page_tokens(tokens, session.max_length)
+        if want <= session.reserved_tokens:
+            return
+        extra = self._kv_bytes(session.start, session.end, (want - session.reserved_tokens))
+        extra *= session.batch
+        if self._reserved + extra > self.kv_budget_bytes:
+            raise RequestRejected(
+                "kv_budget",
+                f"no KV-cache memory for {tokens} tokens of this session "
+                f"({self.kv_free_tokens()} tokens free)",
+            )
+        if session.peer != LOCAL_PEER:
+            try:
+                self.peer_limits.grow_session(session.peer, extra)
+            except LimitExceeded as exc:
+                raise RequestRejected(exc.code, str(exc)) from None
+        self._reserved += extra
+        session.reserved_bytes += extra
+        session.reserved_tokens = want
 
     async def _log_load(self) -> None:
         """Idle sessions are closed by their stream handler (idle timeout); log the load."""

@@ -23,8 +23,9 @@ class Session:
     batch: int
     dtype: str
     cache: SessionCache
-    reserved_bytes: int
+    reserved_bytes: int  # KV memory reserved, grown a page at a time
     opened: float
+    reserved_tokens: int = 0  # tokens (per row) that reservation covers
     steps: int = 0
     stream: Any = None  # the libp2p stream it lives on (None for the agent's own client)
     handler: trio.CancelScope | None = None  # cancels that stream's handler

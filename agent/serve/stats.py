@@ -12,3 +12,17 @@ STEP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=None,
 )
+
+# Continuous batching (agent.serve.batcher): sequences and tokens one forward carried.
+BATCH_ROWS = Histogram(
+    "shardmesh_batch_rows",
+    "Sequences (session rows) in one forward over this agent's blocks.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=None,
+)
+BATCH_TOKENS = Histogram(
+    "shardmesh_batch_tokens",
+    "Tokens (rows x new tokens) in one forward over this agent's blocks.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    registry=None,
+)
