@@ -209,7 +209,19 @@ async def test_run_generation_uses_the_client_table_and_the_request_over_it(
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("max_known_peers", 0), ("new_peers_per_minute", 0.0), ("new_peers_per_minute", -1.0)],
+    [
+        ("max_known_peers", 0),
+        ("new_peers_per_minute", 0.0),
+        ("new_peers_per_minute", -1.0),
+        ("stranger_buffer_bytes", 1024),
+        ("stranger_buffer_bytes", 1 << 30),
+        ("held_streams_per_peer", 0),
+        ("max_batch_rows", 0),
+        ("max_batch_tokens", 0),
+        ("batch_prefill_chunk", 0),
+        ("kv_page_tokens", 0),
+        ("trusted_peers", ["not-a-peer-id"]),
+    ],
 )
 def test_peer_table_bounds_are_checked(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"limits.{key}"):

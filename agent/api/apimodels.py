@@ -1,16 +1,20 @@
 """Which models the HTTP API offers: local checkpoints (for the tokenizer, embeddings and
 head) crossed with what the mesh covers right now.
 
-A model is listed when every block is served by an online peer and this agent has its
-checkpoint (`--model` or `api.model_dirs`). Its `id` is the name users type (the checkpoint
-directory's name) unless two models on the mesh share that name; then the full model id.
+A model is listed when this agent has its checkpoint (`--model` or `api.model_dirs`) and
+every block is served by an online peer (`shardmesh.state` "ready"), or the blocks missing are
+being loaded by peers that announce themselves joining ("loading": a completion for it waits
+up to `[client] loading_wait`, then answers 503 with Retry-After). Its `id` is the name users
+type (the checkpoint directory's name) unless two models on the mesh share that name; then the
+full model id.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from agent.api.openai_format import ApiError
 from agent.config import AgentConfig
@@ -19,6 +23,12 @@ from agent.model.modelinfo import ModelError, ModelInfo, read_model_info
 from agent.policy.modelresolve import UnknownModel, resolve_model
 
 Models = dict[str, tuple[str | None, int | None]]  # model id -> (name, n_blocks)
+# Whether a model (id, n_blocks) is loading on its peers right now (agent.route.loading).
+IsLoading = Callable[[str, int], bool]
+State = Literal["ready", "loading"]
+READY: State = "ready"
+LOADING: State = "loading"
+log = logging.getLogger("shardmesh.api")
 
 
 @dataclass(frozen=True)
@@ -30,13 +40,22 @@ class Checkpoint:
 class Resolved:
     api_id: str  # what responses name the model
     checkpoint: Checkpoint
+    state: State = READY
 
 
 def load_checkpoints(cfg: AgentConfig) -> dict[str, Checkpoint]:
-    """Read every local checkpoint once (headers only); a bad directory stops the start."""
-    dirs = ([cfg.model] if cfg.model is not None else []) + list(cfg.api.model_dirs)
+    """Read every local checkpoint once (headers only); a bad `api.model_dirs` directory
+    stops the start. A bad `--model` does not: the agent stays up and says "load failed"
+    (agent.daemon.lifecycle), so the API just has no checkpoint of it."""
     out: dict[str, Checkpoint] = {}
-    for d in dirs:
+    if cfg.model is not None:
+        try:
+            info = read_model_info(cfg.model)
+            out[info.model_id] = Checkpoint(info)
+        except ModelError as exc:
+            # The agent's own "load failed" error line says why; this is a note.
+            log.info("the API has no checkpoint of --model: %s", exc)
+    for d in cfg.api.model_dirs:
         try:
             info = read_model_info(d)
         except ModelError as exc:
@@ -53,10 +72,12 @@ class ApiModels:
         checkpoints: dict[str, Checkpoint],
         known: Callable[[], Models],
         coverage: Callable[[], Iterable[dict[str, Any]]],
+        loading: IsLoading | None = None,
     ) -> None:
         self.checkpoints = checkpoints
         self._known = known
         self._coverage = coverage
+        self._loading = loading
 
     def _all(self) -> Models:
         models = dict(self._known())
@@ -74,12 +95,31 @@ class ApiModels:
             return name
         return model_id
 
-    def listed(self) -> list[tuple[str, Checkpoint]]:
-        """(api id, checkpoint) for every model the API can run right now."""
+    def _state(self, model_id: str, covered: set[str]) -> State | None:
+        """ "ready" (every block online), "loading" (peers are loading what is missing), or
+        None (the API cannot run it now)."""
+        if model_id in covered:
+            return READY
+        ck = self.checkpoints.get(model_id)
+        loading = self._loading
+        if ck is not None and loading is not None and loading(model_id, ck.info.n_blocks):
+            return LOADING
+        return None
+
+    def listed_states(self) -> list[tuple[str, Checkpoint, State]]:
+        """(api id, checkpoint, state) for every model the API can run now or once loaded."""
         models = self._all()
         covered = self._covered()
-        rows = [(self._api_id(m, models), ck) for m, ck in self.checkpoints.items() if m in covered]
+        rows = []
+        for m, ck in self.checkpoints.items():
+            state = self._state(m, covered)
+            if state is not None:
+                rows.append((self._api_id(m, models), ck, state))
         return sorted(rows, key=lambda row: row[0])
+
+    def listed(self) -> list[tuple[str, Checkpoint]]:
+        """(api id, checkpoint) for every model the API lists (see `listed_states`)."""
+        return [(api_id, ck) for api_id, ck, _ in self.listed_states()]
 
     def resolve(self, want: str) -> Resolved:
         """The model a request names, or the ApiError that explains why it cannot run."""
@@ -97,7 +137,8 @@ class ApiModels:
                 code="model_not_found",
                 param="model",
             )
-        if model_id not in self._covered():
+        state = self._state(model_id, self._covered())
+        if state is None:
             raise ApiError(
                 503,
                 f"model {want!r} is not fully served on the mesh right now: some blocks have "
@@ -105,4 +146,5 @@ class ApiModels:
                 type="server_error",
                 code="model_not_covered",
             )
-        return Resolved(self._api_id(model_id, models), ck)
+        # A loading model is accepted: the generation waits for its blocks (bounded).
+        return Resolved(self._api_id(model_id, models), ck, state)

@@ -2,8 +2,10 @@
 
 Request: one JSON object `{"cmd": NAME, ...}` on a line. Reply: one or more JSON lines;
 the last has `"event": "result"` (`{"ok": true, "result": ...}`) or `"event": "error"`
-(`{"ok": false, "error": "one line"}`). Streaming commands (generate) send
-`"event": "token"` lines before the result.
+(`{"ok": false, "error": "one line"}`, with a `"code"` when the failure has one, e.g.
+`"model_loading"`). Streaming commands (generate) send `"event": "token"` lines before the
+result, and `"event": "waiting"` lines (`"message"`: one line) while the model's blocks are
+still loading on their peers.
 
 The client half uses blocking sockets only, so `shardmesh status` starts in milliseconds.
 """
@@ -26,7 +28,12 @@ log = logging.getLogger("shardmesh.control")
 
 
 class ControlError(ShardmeshError):
-    """Talking to the daemon failed; the message is one line for the user."""
+    """Talking to the daemon failed, or the daemon answered an error; the message is one line
+    for the user. `code`: the error line's code, when it had one ("model_loading")."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --- client ----------------------------------------------------------------------------------
@@ -74,7 +81,11 @@ def stream_request(
             if not isinstance(event, dict):
                 raise ControlError("the agent sent a reply that is not a JSON object")
             if event.get("event") == "error":
-                raise ControlError(str(event.get("error", "unknown error")))
+                code = event.get("code")
+                raise ControlError(
+                    str(event.get("error", "unknown error")),
+                    code if isinstance(code, str) else None,
+                )
             yield event
             if event.get("event") == "result":
                 return
@@ -136,6 +147,7 @@ async def serve_control(
                 if cmd in stream_handlers:
 
                     async def emit(event: dict[str, Any]) -> None:
+                        # A token unless the event names its own kind ("waiting").
                         await _send(stream, {"event": "token", **event})
 
                     result = await stream_handlers[cmd](req, emit)
@@ -145,7 +157,11 @@ async def serve_control(
                     raise CommandError(f"unknown command {cmd!r}")
                 await _send(stream, {"event": "result", "ok": True, "result": result})
             except (CommandError, ShardmeshError) as exc:
-                await _send_quietly(stream, {"event": "error", "ok": False, "error": str(exc)})
+                reply: dict[str, Any] = {"event": "error", "ok": False, "error": str(exc)}
+                code = getattr(exc, "code", None)
+                if isinstance(code, str):
+                    reply["code"] = code
+                await _send_quietly(stream, reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the CLI went away (Ctrl-C); what it asked for was cancelled with it
             except Exception as exc:  # a bug must not take the agent down with one request

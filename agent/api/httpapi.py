@@ -7,6 +7,10 @@ GET /metrics. Generations run through the same client path as `shardmesh generat
 watches its connection: a client that goes away cancels it, and the route's hop sessions
 close at once instead of running to max_tokens.
 
+A model whose blocks peers are still loading is listed with `shardmesh.state` "loading"; a
+completion for it waits up to `[client] loading_wait` (within `api.request_timeout`) for the
+blocks, then runs, or answers 503 `model_loading` with a Retry-After header.
+
 Starlette does routing and request parsing; a generation writes its own ASGI messages, so
 the disconnect watch, the stream and its errors live in one nursery.
 
@@ -66,7 +70,8 @@ from agent.api.responses import (
 )
 from agent.config import AgentConfig, ApiConfig, ClientConfig, api_address
 from agent.errors import ShardmeshError
-from agent.route.view import MeshView
+from agent.route.loading import loading_now, wait_while_loading
+from agent.route.view import MeshView, ModelPeer
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
@@ -79,6 +84,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 # Paths counted under their own label in shardmesh_api_requests; anything else is "other".
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics")
 
+
 class ApiNode(MeshView, MetricsSource, Protocol):
     """What the API reads of the agent: the mesh view its generations route over, the head
     cache and failure history shared with the control socket's `generate`, the models known
@@ -89,6 +95,8 @@ class ApiNode(MeshView, MetricsSource, Protocol):
     def failovers(self) -> int: ...
 
     def known_models(self) -> Models: ...
+
+    def model_peers(self, model_id: str) -> list[ModelPeer]: ...
 
 
 class ApiServer:
@@ -109,7 +117,7 @@ class ApiServer:
             raise ShardmeshError("api.require_key: no bearer keys: set api.key_file")
         self.keys = keys
         self.hosts = HostNames(cfg)  # serve_api sets the bound port when api.listen asks for 0
-        self.models = ApiModels(checkpoints, node.known_models, node.coverage)
+        self.models = ApiModels(checkpoints, node.known_models, node.coverage, self._is_loading)
         self.metrics = ApiMetrics(node, self._failovers)
         self.in_flight = 0
         self.started = int(time.time())
@@ -124,19 +132,28 @@ class ApiServer:
         self.app = _Front(self, Starlette(routes=routes, exception_handlers=handlers))
 
     # --- plain endpoints --------------------------------------------------------------------
-    def _entry(self, api_id: str, ck: Checkpoint) -> dict[str, Any]:
+    def _is_loading(self, model_id: str, n_blocks: int) -> bool:
+        return loading_now(self.node, model_id, 0, n_blocks) is not None
+
+    def _entry(self, api_id: str, ck: Checkpoint, state: str) -> dict[str, Any]:
         info = ck.info
-        extra = {"shardmesh": {"model_id": info.model_id, "n_blocks": info.n_blocks}}
-        return model_entry(api_id, self.started, extra)
+        detail: dict[str, Any] = {"model_id": info.model_id, "n_blocks": info.n_blocks}
+        detail["state"] = state
+        if state == "loading":
+            loading = loading_now(self.node, info.model_id, 0, info.n_blocks)
+            if loading is not None:
+                detail["loading"] = loading.to_json()
+        return model_entry(api_id, self.started, {"shardmesh": detail})
 
     async def _list_models(self, request: Request) -> Response:
-        return JSONResponse(model_list([self._entry(i, ck) for i, ck in self.models.listed()]))
+        rows = self.models.listed_states()
+        return JSONResponse(model_list([self._entry(i, ck, st) for i, ck, st in rows]))
 
     async def _get_model(self, request: Request) -> Response:
         want = request.path_params["model"]
-        for api_id, ck in self.models.listed():
+        for api_id, ck, state in self.models.listed_states():
             if want in (api_id, ck.info.model_id):
-                return JSONResponse(self._entry(api_id, ck))
+                return JSONResponse(self._entry(api_id, ck, state))
         raise ApiError(404, f"model {want!r} is not available", code="model_not_found")
 
     async def _metrics(self, request: Request) -> Response:
@@ -196,6 +213,11 @@ class ApiServer:
 
         parts, health = self._client_state()
         info = job.model.checkpoint.info
+        # Before the head: its load waits for the model lock this agent's own loading blocks
+        # hold. Bounded by [client] loading_wait and, with a margin, api.request_timeout.
+        await wait_while_loading(
+            self.node, info.model_id, info.n_blocks, self.client.loading_wait_s, avoid=health.avoid
+        )
         head, tok = await parts.get(info.path, info.model_id)
         prompt_ids = _prompt_ids(job, tok, head.info.vocab_size)
         context = _context(head.config, self.session_tokens)
@@ -205,6 +227,8 @@ class ApiServer:
         released: list[str] = []
 
         async def emit(event: dict[str, Any]) -> bool:
+            if "token_id" not in event:  # "waiting" while the blocks load: nothing to send
+                return False
             delta = stops.add(event["text"])
             if on_text is not None:
                 released.append(delta)

@@ -25,7 +25,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 class ApiError(Exception):
-    """An error reply: HTTP status plus OpenAI's `{"error": {...}}` body."""
+    """An error reply: HTTP status plus OpenAI's `{"error": {...}}` body, and any headers
+    that go with it (Retry-After on a 503 for a model that is loading)."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,6 +44,7 @@ class ApiError(Exception):
         self.type = type
         self.code = code
         self.param = param
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {

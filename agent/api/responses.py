@@ -23,6 +23,9 @@ from agent.errors import ShardmeshError
 log = logging.getLogger("shardmesh.api")
 
 OnText = Callable[[str], Awaitable[None]]
+# Seconds a client is told to wait (Retry-After) before asking again for a model that is
+# loading: OpenAI's Python client honours it on its own retries.
+LOADING_RETRY_AFTER_S = 10
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class GenerationResponse(Response):
                 await out.event(err.body())
                 await out.end(b"")
             else:
-                await out.json(err.status, err.body())
+                await out.json(err.status, err.body(), err.headers)
             return
         self._release()
         if not stream:
@@ -142,19 +145,38 @@ class SseOut:
         self.finished = True
         await self.send({"type": "http.response.body", "body": last, "more_body": False})
 
-    async def json(self, status: int, obj: dict[str, Any]) -> None:
+    async def json(
+        self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps(obj).encode()
-        await self._start(status, b"application/json", [(b"content-length", b"%d" % len(body))])
+        extra = [(b"content-length", b"%d" % len(body))]
+        extra += [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
+        ]
+        await self._start(status, b"application/json", extra)
         self.finished = True
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def loading_error(message: str) -> ApiError:
+    """503 for a model whose blocks are still loading on their peers: retry shortly."""
+    return ApiError(
+        503,
+        message,
+        type="server_error",
+        code="model_loading",
+        headers={"Retry-After": str(LOADING_RETRY_AFTER_S)},
+    )
+
+
 def as_api_error(exc: Exception, timeout: float) -> ApiError:
     """What an exception from a generation becomes on the wire."""
-    from agent.route.view import GenerationError
+    from agent.route.view import GenerationError, ModelLoading
 
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ModelLoading):
+        return loading_error(str(exc))
     if isinstance(exc, trio.TooSlowError):
         return ApiError(
             504,
@@ -172,7 +194,7 @@ def as_api_error(exc: Exception, timeout: float) -> ApiError:
 
 async def api_error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), exc.status)
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers or None)
 
 
 async def http_error_response(request: Request, exc: Exception) -> Response:

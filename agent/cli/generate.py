@@ -1,6 +1,11 @@
 """`shardmesh generate`: through the local agent's control socket, or as a standalone client
 that joins the mesh itself (`--bootstrap`, with `--config FILE`'s [client] table if given).
-Text streams to stdout as tokens arrive."""
+Text streams to stdout as tokens arrive.
+
+A model whose blocks peers are still loading is waited for, up to `--timeout`: one line on
+stderr says so ("waiting: model X is loading on 2 peers (blocks 0:4 on ...)"), then the
+generation runs once every block is online; a load that does not finish in time is one
+"... still loading ..." error line (exit 1)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ from agent.errors import ShardmeshError, UsageError
 
 if TYPE_CHECKING:
     from agent.config import ClientConfig
+
+# As agent.route.generation's limit on a request's `loading_wait` (not imported: it loads
+# the client's modules, and a usage error must not wait for them).
+MAX_LOADING_WAIT_S = 86_400.0
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -40,6 +49,11 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         req["prompt"] = args.prompt
     if args.model_dir is not None:
         req["model_dir"] = str(Path(args.model_dir).resolve())
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be positive")
+    # The agent waits this long for blocks that peers are still loading (the CLI's own
+    # limit: every wait is inside it; the agent's "waiting" lines keep the socket alive).
+    req["loading_wait"] = min(args.timeout, MAX_LOADING_WAIT_S)
     verify = getattr(args, "verify", None)
     if verify is not None:
         if not 0.0 <= verify <= 1.0:
@@ -55,6 +69,21 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     return req
+
+
+class WaitingLine:
+    """The one "waiting: ..." line on stderr while the model loads (later notices, which
+    keep the control socket alive or say what changed, print nothing)."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def show(self, message: str) -> None:
+        if self.shown:
+            return
+        self.shown = True
+        sys.stderr.write(f"waiting: {message}\n")
+        sys.stderr.flush()
 
 
 def _print_token(event: dict[str, Any], text_mode: bool) -> None:
@@ -114,10 +143,14 @@ def run_generate(args: argparse.Namespace, control_path: Path) -> int:
     from agent.api import control
 
     result = None
+    waiting = WaitingLine()
     for event in control.stream_request(control_path, "generate", timeout=args.timeout, **req):
-        if event.get("event") == "token" and not args.json:
+        kind = event.get("event")
+        if kind == "token" and not args.json:
             _print_token(event, text_mode)
-        elif event.get("event") == "result":
+        elif kind == "waiting":
+            waiting.show(str(event.get("message") or f"model {args.model} is loading"))
+        elif kind == "result":
             result = event["result"]
     if result is None:
         raise ShardmeshError("the agent ended the generation without a result")
@@ -133,6 +166,7 @@ def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) 
 
     async def main() -> dict[str, Any]:
         from agent.route.generation import ClientParts, GenerateRequest, run_generation
+        from agent.route.loading import Loading
         from agent.route.standalone import open_standalone, wait_for_model
 
         request = GenerateRequest.from_json(req)
@@ -140,10 +174,23 @@ def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) 
             async with open_standalone(
                 args.bootstrap, swarm_secret_file=args.swarm_secret_file
             ) as view:
-                model_id, _ = await wait_for_model(view, args.model, timeout_s=20.0)
+                waiting = WaitingLine()
+
+                async def on_wait(loading: Loading) -> None:
+                    waiting.show(loading.describe())
+
+                model_id, _ = await wait_for_model(
+                    view,
+                    args.model,
+                    timeout_s=20.0,
+                    loading_wait_s=args.timeout,
+                    notify=on_wait,
+                )
 
                 async def emit(event: dict[str, Any]) -> None:
-                    if not args.json:
+                    if event.get("event") == "waiting":
+                        waiting.show(str(event.get("message")))
+                    elif not args.json:
                         _print_token(event, text_mode)
 
                 return await run_generation(

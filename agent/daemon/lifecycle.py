@@ -8,6 +8,12 @@ the state or the reason, and nothing else calls `Serving.set_accepting`. The ser
 `activity` ("choosing blocks", "loading blocks 0:4") stays its own: while joining, it is the
 reason.
 
+A load that fails (bad weights, a missing tensor, out of memory, an unreadable checkpoint) is
+no crash and no restart loop: the agent stays up, online but serving no blocks (routing and
+relaying, its ads claim no span), and `load_failed` makes the reason say
+"load failed: <why>" (one line, `load_error_line`), which `shardmesh status` and systemd's
+STATUS= show.
+
 One drain procedure, `drain(grace)`, serves both ways of ceasing to serve. The owner coming
 back (agent.daemon.idlewatch: grace `idle.drain_grace`, cut short when the idle policy says
 the grace is over) and SIGTERM (`stop`: grace bounded by systemd's stop timeout, cut short by
@@ -27,6 +33,7 @@ from typing import Any, Protocol
 import trio
 
 from agent.daemon.sdnotify import bounded_grace
+from agent.errors import ShardmeshError
 from agent.policy.snapshot import DRAINING, JOINING, LEAVING, ONLINE
 
 log = logging.getLogger("shardmesh.agent")
@@ -41,6 +48,8 @@ DRAIN_POLL_S = 0.1
 
 # A fixed line, or one computed when read (the idle policy's countdown).
 Reason = str | Callable[[], str]
+LOAD_FAILED = "load failed"  # how the reason line after a failed load starts
+MAX_LOAD_ERROR_CHARS = 300  # of the why in that line (ads carry reasons up to 512)
 
 
 class Admission(Protocol):
@@ -69,6 +78,21 @@ class Publisher(Protocol):
     """Publishes this agent's capacity ad now, with the lifecycle's state (agent.daemon.node)."""
 
     async def publish_ad(self, state: str | None = None) -> None: ...
+
+
+def load_error_line(exc: BaseException) -> str:
+    """Why a load failed, on one line: an expected failure's own message (the checkpoint's
+    ModelError: a missing tensor, a corrupt file), "out of memory (...)", else the
+    exception's type and the first words of its message. No traceback."""
+    text = " ".join(str(exc).split())
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError":  # torch's (CUDA) OOM
+        text = f"out of memory ({text})" if text else "out of memory"
+    elif not isinstance(exc, ShardmeshError):
+        text = f"{name}: {text}" if text else name
+    if len(text) > MAX_LOAD_ERROR_CHARS:
+        text = text[: MAX_LOAD_ERROR_CHARS - 1] + "…"
+    return text
 
 
 def serving_reason(serving: Admission | None) -> str:
@@ -126,6 +150,16 @@ class Lifecycle:
         """`online`, and an ad at once (the idle watch: the owner left, the blocks are back)."""
         if self.online():
             await self._announce()
+
+    def load_failed(self, why: str) -> bool:
+        """The blocks could not be loaded (`why`: load_error_line's one line): stay up
+        serving none of them (the caller has dropped its span, so ads claim no blocks),
+        online for routing and relaying, the reason saying "load failed: <why>". Refused
+        once stopping; returns whether it happened."""
+        if self._stopping:
+            return False
+        self._set(ONLINE, f"{LOAD_FAILED}: {why}")
+        return True
 
     def joining(self, reason: Reason) -> None:
         """Loading blocks again (the idle watch). The serving part's activity shows while set."""

@@ -32,14 +32,14 @@ from agent.daemon import service, views
 from agent.daemon.announce import Announcer
 from agent.daemon.discovery import Discovery, LoopErrors
 from agent.daemon.idlewatch import IdleWatch
-from agent.daemon.lifecycle import Lifecycle
+from agent.daemon.lifecycle import Lifecycle, load_error_line
 from agent.errors import ShardmeshError
 from agent.hw.devices import DeviceReport, discover
 from agent.net.identity import load_or_create_identity, private_seed
 from agent.net.mesh import Mesh, open_mesh
 from agent.policy.peertable import INTAKE_REASONS, AdIntake, PeerTable, RelayBudget, TableLimits
 from agent.policy.snapshot import PeerSpan
-from agent.route.view import LocalForward
+from agent.route.view import LocalForward, ModelPeer
 
 if TYPE_CHECKING:
     from agent.route.generation import ClientParts
@@ -144,6 +144,20 @@ class Node:
 
     def peer_addrs(self, peer_id: str) -> list[str]:
         return self.table.addrs(peer_id)
+
+    def model_peers(self, model_id: str) -> list[ModelPeer]:
+        """Every peer whose ad names the model, this agent included, whatever its state and
+        span (agent.route.view.ModelPeers): how a client tells "loading" from "not served"."""
+        rows = [
+            ModelPeer(e.ad.peer_id, e.ad.state, e.ad.span, e.ad.reason)
+            for e in self.table
+            if e.ad.model == model_id
+        ]
+        s = self.serving
+        if s is not None and s.model_id == model_id:
+            state, reason = self.lifecycle.state, self.lifecycle.reason()
+            rows.append(ModelPeer(self.self_id, state, s.chosen_span(), reason))
+        return rows
 
     # --- what the peer table and the ad intake ask ----------------------------------------
     def _protected(self, peer_id: str) -> bool:
@@ -258,14 +272,18 @@ async def run_agent(cfg: AgentConfig) -> None:
         load_secret(cfg.swarm.secret_file)  # fail now, not after loading torch and blocks
     signing_key = Ed25519PrivateKey.from_private_bytes(private_seed(key_pair))
     serving = None
+    unreadable = None  # why the checkpoint cannot be served: the agent stays up and says so
     if cfg.model is not None:
         from agent.serve.serving import Serving  # imports torch: only for agents that serve
 
-        serving = Serving.prepare(cfg.serve)
+        try:
+            serving = Serving.prepare(cfg.serve)
+        except ShardmeshError as exc:  # a corrupt or missing checkpoint, blocks outside it
+            unreadable = load_error_line(exc)
 
     leaving = trio.Event()
     try:
-        await _run_mesh(cfg, key_pair, signing_key, serving, leaving)
+        await _run_mesh(cfg, key_pair, signing_key, serving, leaving, unreadable)
     except BaseExceptionGroup as group:
         # py-libp2p's teardown can race (an inbound gossip message spawning a task into
         # its closing nursery) and raise from host.run(). Once we chose to stop, that is
@@ -282,6 +300,7 @@ async def _run_mesh(
     signing_key: Ed25519PrivateKey,
     serving: Serving | None,
     leaving: trio.Event,
+    unreadable: str | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_mesh(cfg.mesh, key_pair) as mesh:
@@ -307,18 +326,39 @@ async def _run_mesh(
                 nursery.start_soon(node.announcer.run)
                 nursery.start_soon(_leave_on_signal, signals, node, nursery.cancel_scope, leaving)
                 online = True
+                failed = unreadable
                 if serving is not None:
                     node.attach(serving)
                     # Ads say "joining" (with the chosen span) while the blocks load.
-                    if cfg.idle.enabled:
-                        online = await node.watch_idle(serving).start(nursery)
-                    else:
-                        await serving.start(node, nursery)
+                    try:
+                        if cfg.idle.enabled:
+                            online = await node.watch_idle(serving).start(nursery)
+                        else:
+                            await serving.start(node, nursery)
+                    except Exception as exc:  # bad weights, a missing tensor, out of memory
+                        failed = load_error_line(exc)
+                if failed is not None:
+                    online = False
+                    await _load_failed(node, serving, failed)
                 if online:
                     node.lifecycle.online()  # refused once stopping: a signal while loading wins
                 await node.publish_ad()
                 log.info("agent %s", "online" if online else "up, serving nothing for now")
                 nursery.start_soon(service.announce_ready, node)  # systemd: READY=1
+
+
+async def _load_failed(node: Node, serving: Serving | None, why: str) -> None:
+    """One line in the log, not a traceback or an exit (systemd would restart us into the
+    same failure): drop whatever half loaded, so ads claim no span, and stay up routing and
+    relaying, the lifecycle's reason saying "load failed: <why>" (docs/ARCHITECTURE.md)."""
+    log.error("load failed: %s; serving no blocks (shardmesh status shows this)", why)
+    if serving is not None:
+        with trio.move_on_after(10.0):
+            try:
+                await serving.unload()  # frees what a failed load left (after out of memory)
+            except Exception as exc:
+                log.warning("freeing the failed load's memory: %s", load_error_line(exc))
+    node.lifecycle.load_failed(why)
 
 
 async def _leave_on_signal(

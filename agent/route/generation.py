@@ -18,9 +18,11 @@ from agent.model.modelinfo import ModelError, read_model_info
 from agent.model.sampling import SamplingParams
 from agent.route.generate import generate_ids
 from agent.route.health import PeerHealth
+from agent.route.loading import Loading, wait_while_loading
 from agent.route.view import GenerationError, MeshView
 
 log = logging.getLogger("shardmesh.generate")
+MAX_LOADING_WAIT_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class GenerateRequest:
     # config's share ([client] verify, off by default).
     verify: float = 0.0
     verify_tolerance: float | None = None  # None: the client config's
+    # Seconds to wait for blocks that peers are still loading (agent.route.loading); None:
+    # the client config's ([client] loading_wait). `shardmesh generate` sends its --timeout.
+    loading_wait_s: float | None = None
 
     @classmethod
     def from_json(cls, req: dict[str, Any]) -> GenerateRequest:
@@ -64,6 +69,15 @@ class GenerateRequest:
             tol = None if tol is None else float(tol)
             if tol is not None and not (tol > 0 and math.isfinite(tol)):
                 raise ValueError("verify_tolerance must be a positive number")
+            wait = req.get("loading_wait")
+            if wait is not None:
+                if isinstance(wait, bool) or not isinstance(wait, int | float):
+                    wait = math.nan
+                wait = float(wait)
+                if not 0 <= wait <= MAX_LOADING_WAIT_S:
+                    raise ValueError(
+                        f"loading_wait must be seconds between 0 and {MAX_LOADING_WAIT_S:g}"
+                    )
         except (TypeError, ValueError) as exc:
             raise GenerationError(f"bad generate request: {exc}") from None
         model_dir = req.get("model_dir")
@@ -76,6 +90,7 @@ class GenerateRequest:
             model_dir=Path(model_dir) if model_dir else None,
             verify=verify,
             verify_tolerance=tol,
+            loading_wait_s=wait,
         )
 
 
@@ -104,6 +119,22 @@ class ClientParts:
 
     def __init__(self) -> None:
         self._cache: dict[Path, tuple[Any, Any]] = {}
+        self._blocks: dict[Path, tuple[str, int]] = {}
+
+    async def n_blocks(self, model_dir: Path, model_id: str) -> int:
+        """The checkpoint's block count from its headers (no torch, no model lock: known
+        before the head loads, which waits for the lock an agent's own loading blocks hold)."""
+        key = model_dir.resolve()
+        if key not in self._blocks:
+            try:
+                info = await trio.to_thread.run_sync(read_model_info, key)
+            except ModelError as exc:
+                raise GenerationError(str(exc)) from None
+            self._blocks[key] = (info.model_id, info.n_blocks)
+        found, n = self._blocks[key]
+        if found != model_id:
+            raise GenerationError(f"the checkpoint at {model_dir} is {found}, not {model_id}")
+        return n
 
     async def get(self, model_dir: Path, model_id: str) -> tuple[Any, Any]:
         key = model_dir.resolve()
@@ -161,8 +192,12 @@ def _generation_config_eos(model_dir: Path) -> Any:
     return data.get("eos_token_id") if isinstance(data, dict) else None
 
 
-# Gets {"token_id", "text"} per token; returning True stops the generation early.
+# Gets {"token_id", "text"} per token; returning True stops the generation early. While the
+# model is loading it gets {"event": "waiting", "message": ..., ...} (Loading.to_json) first,
+# once and then on every change and every few seconds (its return value is ignored): the
+# control socket passes it on as a "waiting" line, the CLI prints its message once.
 Emit = Callable[[dict[str, Any]], Awaitable[bool | None]]
+WAITING = "waiting"
 
 
 async def run_generation(
@@ -178,7 +213,25 @@ async def run_generation(
 ) -> dict[str, Any]:
     """Run `req` and return its result as JSON. `cfg` is the client's [client] table (the
     defaults when None); the request's `verify` (when above 0) and `verify_tolerance`
-    replace the table's."""
+    replace the table's.
+
+    A model that is loading is waited for first (agent.route.loading: up to the request's
+    `loading_wait`, else the table's), telling `emit` so; then the head loads."""
+    cfg = cfg or ClientConfig()
+
+    async def on_wait(loading: Loading) -> None:
+        if emit is not None:
+            await emit({"event": WAITING, **loading.to_json()})
+
+    wait_s = req.loading_wait_s if req.loading_wait_s is not None else cfg.loading_wait_s
+    await wait_while_loading(
+        view,
+        model_id,
+        await parts.n_blocks(model_dir, model_id),
+        wait_s,
+        on_wait,
+        avoid=health.avoid if health is not None else None,
+    )
     head, tokenizer = await parts.get(model_dir, model_id)
     if req.prompt is not None:
         if tokenizer is None:
@@ -195,7 +248,6 @@ async def run_generation(
         return bool(await emit({"token_id": token, "text": delta}))
 
     eos = end_token_ids(model_dir, head.config)
-    cfg = cfg or ClientConfig()
     if req.verify > 0:
         cfg = replace(cfg, verify_fraction=req.verify)
     if req.verify_tolerance is not None:

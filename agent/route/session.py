@@ -16,7 +16,8 @@ from agent.policy.routing import Hop, NoRoute, find_route
 from agent.route.chunks import in_chunks
 from agent.route.health import PeerHealth
 from agent.route.hops import HopError, LocalHop, RemoteHop
-from agent.route.view import GenerationError, MeshView
+from agent.route.loading import load_failures, loading_now, model_peers
+from agent.route.view import GenerationError, MeshView, ModelLoading
 
 log = logging.getLogger("shardmesh.client")
 
@@ -96,11 +97,7 @@ class RouteSession:
                 plan = self._plan(start, end)
             except NoRoute as exc:
                 if time.monotonic() >= deadline:
-                    avoided = len(self.health.avoid())
-                    extra = f" ({avoided} peers avoided after failures)" if avoided else ""
-                    raise GenerationError(
-                        f"model {self.model_id} is not fully served: {exc}{extra}"
-                    ) from None
+                    raise self._unserved(exc, start, end) from None
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -117,6 +114,21 @@ class RouteSession:
                 self._note_failure(exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _unserved(self, exc: NoRoute, start: int, end: int) -> GenerationError:
+        """Why [start, end) has no route after the wait: peers still loading it (the model is
+        loading, not missing), or plainly not served (naming peers whose load failed)."""
+        avoid = self.health.avoid() | self.avoid
+        loading = loading_now(self.view, self.model_id, start, end, avoid)
+        if loading is not None:
+            return ModelLoading(
+                f"{loading.describe()}; its blocks did not come online within "
+                f"{self.cfg.reroute_wait_s:g} s: try again shortly"
+            )
+        avoided = len(self.health.avoid())
+        extra = f" ({avoided} peers avoided after failures)" if avoided else ""
+        failed = load_failures(model_peers(self.view, self.model_id), self.view.self_id)
+        return GenerationError(f"model {self.model_id} is not fully served: {exc}{extra}{failed}")
 
     def _make_hop(self, hop: Hop) -> RemoteHop | LocalHop:
         if hop.peer_id == self.view.self_id and self.view.local is not None:

@@ -13,6 +13,7 @@ deadlines, failover or verified outputs.)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -24,7 +25,8 @@ import trio
 from agent.errors import ShardmeshError
 from agent.policy.routing import NoRoute, find_route
 from agent.policy.snapshot import PeerSpan
-from agent.route.view import GenerationError, LocalForward
+from agent.route.loading import DEADLINE_MARGIN_S, Notify, loading_now
+from agent.route.view import GenerationError, LocalForward, ModelLoading, ModelPeer
 
 
 class StandaloneView:
@@ -49,6 +51,14 @@ class StandaloneView:
 
     def peer_addrs(self, peer_id: str) -> list[str]:
         return self.table.addrs(peer_id)
+
+    def model_peers(self, model_id: str) -> list[ModelPeer]:
+        """Every peer whose ad names the model (agent.route.view.ModelPeers)."""
+        return [
+            ModelPeer(e.ad.peer_id, e.ad.state, e.ad.span, e.ad.reason)
+            for e in self.table
+            if e.ad.model == model_id
+        ]
 
 
 @asynccontextmanager
@@ -90,18 +100,48 @@ async def open_standalone(
             nursery.cancel_scope.cancel()
 
 
-async def wait_for_model(view: StandaloneView, want: str, timeout_s: float) -> tuple[str, int]:
+async def wait_for_model(
+    view: StandaloneView,
+    want: str,
+    timeout_s: float,
+    *,
+    loading_wait_s: float = 0.0,
+    notify: Notify | None = None,
+) -> tuple[str, int]:
     """Wait until some peer advertises a model matching `want` (id or unique name) and every
-    block is served; returns (model id, n_blocks)."""
+    block is served; returns (model id, n_blocks).
+
+    Up to `timeout_s` for the model to show up and be covered; while peers are loading its
+    blocks (agent.route.loading), up to `loading_wait_s` from the start when that is longer,
+    telling `notify`; then ModelLoading. Otherwise GenerationError says what is missing."""
     from agent.policy.modelresolve import resolve_model
 
-    deadline = time.monotonic() + timeout_s
+    began = trio.current_time()
+    deadline = began + timeout_s
+    # Say "loading" before an enclosing deadline (the CLI's --timeout) cuts the wait short.
+    loading_deadline = max(deadline, began + loading_wait_s)
+    outer = trio.current_effective_deadline()
+    if math.isfinite(outer):
+        loading_deadline = min(loading_deadline, outer - DEADLINE_MARGIN_S)
+    told = ""
     while True:
+        loading = None
         try:
             model_id, n_blocks = resolve_model(want, view.table.models())
+            loading = loading_now(view, model_id, 0, n_blocks)
             find_route(view.spans(model_id), 0, n_blocks, rtt_ms={})
             return model_id, n_blocks
         except (ShardmeshError, NoRoute) as exc:
-            if time.monotonic() >= deadline:
+            now = trio.current_time()
+            if loading is not None:
+                line = loading.describe()
+                if notify is not None and line != told:
+                    await notify(loading)
+                    told = line
+                if now >= loading_deadline:
+                    raise ModelLoading(
+                        f"{line}; still loading after {now - began:.0f} s: try again shortly"
+                    ) from None
+            elif now >= deadline:
                 raise GenerationError(str(exc)) from None
         await trio.sleep(0.2)
