@@ -244,6 +244,10 @@ def test_metrics_scrape_parses_and_tells_the_truth(mesh: Mesh) -> None:
     assert got[("shardmesh_tokens_served_total", ())] == status["tokens_served"] > 0
     assert got[("shardmesh_sessions", ())] == 0
     assert got[("shardmesh_step_seconds_count", ())] > 0
+    # Continuous batching: every forward observed, with its sequences and tokens.
+    assert got[("shardmesh_batch_rows_count", ())] == status["batch"]["forwards"] > 0
+    assert got[("shardmesh_batch_tokens_count", ())] == status["batch"]["forwards"]
+    assert got[("shardmesh_batch_tokens_sum", ())] >= got[("shardmesh_batch_rows_sum", ())]
     assert got[("shardmesh_failovers_total", ())] == 0
     for direction in ("in", "out"):
         for kind in ("gossip", "forward"):

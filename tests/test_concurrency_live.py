@@ -4,12 +4,13 @@ through two agents (blocks 0:3 and 3:6 of a tiny llama) give each the tokens it 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from agentproc import Agent, start_many, stop_all
+from agentproc import Agent, cli, start_many, stop_all
 from hfref import hf_generate, load_full
 
 from agent.model.head import ClientHead
@@ -77,3 +78,37 @@ async def test_concurrent_generations_equal_each_alone(pair: tuple[list[Agent], 
         assert forwards < steps, (agent.name, now, was)  # some steps shared a forward
         assert now["mean_rows"] > 1.0, (agent.name, now)
         assert "Traceback" not in agent.log()
+
+
+def test_generate_runs_several_prompts_at_once(
+    pair: tuple[list[Agent], Path], tmp_path: Path
+) -> None:
+    """`shardmesh generate` with repeated --prompt (and --prompts-file) runs them at once:
+    each result equals HF generate() for its prompt, in prompt order; `status` shows the
+    agent's batching."""
+    from transformers import AutoTokenizer
+
+    agents, model = pair
+    tok = AutoTokenizer.from_pretrained(str(model))
+    full = load_full(model)
+    prompts = ["the quick brown fox", "one two", "a mesh of idle machines serving"]
+    want = [hf_generate(full, tok(p)["input_ids"], 6) for p in prompts]
+    base = ["generate", "--control", str(agents[0].control), "--model", model.name]
+    base += ["--max-new-tokens", "6"]
+    out = cli(*base, *[a for p in prompts for a in ("--prompt", p)], "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    assert [r["token_ids"] for r in results] == want
+    listing = tmp_path / "prompts.txt"
+    listing.write_text("\n".join(prompts) + "\n\n")  # blank lines are not prompts
+    out = cli(*base, "--prompts-file", str(listing), timeout=120)
+    assert out.returncode == 0, out.stderr
+    texts = [tok.decode(w, skip_special_tokens=True) for w in want]
+    assert out.stdout.splitlines() == [x for i, t in enumerate(texts, 1) for x in (f"[{i}]", t)]
+    assert "3 generations at once" in out.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    out = cli(*base, "--prompts-file", str(empty))
+    assert out.returncode == 2 and "has no prompts" in out.stderr
+    status = cli("status", "--control", str(agents[0].control))
+    assert status.returncode == 0 and "rows a forward" in status.stdout, status.stdout

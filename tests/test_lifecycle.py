@@ -41,6 +41,7 @@ class FakeServing:
         self.unloads = 0
         self.reason_while_loading = ""
         self.lifecycle: Lifecycle | None = None
+        self.fail_load: BaseException | None = None  # what load() raises, if anything
 
     def set_accepting(self, accepting: bool) -> None:
         self.accepting.append(accepting)
@@ -58,6 +59,9 @@ class FakeServing:
     async def load(self, host: Any) -> None:
         self.activity = "loading blocks 0:4"
         await trio.sleep(5)
+        if self.fail_load is not None:
+            self.activity = ""
+            raise self.fail_load
         if self.lifecycle is not None:
             self.reason_while_loading = self.lifecycle.reason()
         self.shard, self.activity = object(), ""
@@ -407,6 +411,31 @@ async def test_owner_back_drains_through_the_same_drain_then_unloads(
         assert (lc.state, lc.reason()) == ("online", "serving blocks 0:4 of tiny")
         assert publisher.states()[-1] == "online"
         assert trio.current_time() - t0 == pytest.approx(15)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_fails_is_a_status_not_a_crash(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The owner left, the blocks load again, and the load fails (out of memory: the owner's
+    work left less behind): one line, what half loaded is freed, the agent stays online
+    serving nothing with the reason in status, and the watch goes on (no reload loop)."""
+    serving = FakeServing(sessions=0)
+    lc, publisher = make(serving)
+    lc.online()
+    async with trio.open_nursery() as nursery:
+        watch = idle_watch(serving, lc)
+        watch._nursery = nursery
+        assert await step(watch, 0, BUSY) is Action.DRAIN
+        assert await step(watch, 1, BUSY) is Action.UNLOAD
+        serving.fail_load = MemoryError("could not allocate 2147483648 bytes")
+        assert await step(watch, 40, []) is Action.NONE
+        assert await step(watch, 45, []) is Action.LOAD  # raised inside: caught by apply
+        assert serving.loads == 0 and serving.unloads == 2 and serving.shard is None
+        assert lc.state == "online"
+        assert lc.reason() == "load failed: out of memory (could not allocate 2147483648 bytes)"
+        assert publisher.states()[-1] == "online"
+        assert await step(watch, 100, []) is Action.NONE  # stays put: no reload loop
         nursery.cancel_scope.cancel()
 
 

@@ -407,6 +407,7 @@ def test_metrics_read_the_node_at_scrape_time() -> None:
     assert got[("shardmesh_failovers_total", ())] == 7
     assert got[("shardmesh_bytes_total", (("direction", "out"), ("kind", "gossip")))] == 20
     assert ("shardmesh_step_seconds_count", ()) in got
+    assert ("shardmesh_batch_rows_count", ()) in got and ("shardmesh_batch_tokens_sum", ()) in got
     assert (
         got[("shardmesh_api_requests_total", (("endpoint", "/v1/models"), ("status", "200")))] == 1
     )

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.policy.snapshot import AGENT_STATES
-from agent.serve.stats import STEP_SECONDS
+from agent.serve.stats import BATCH_ROWS, BATCH_TOKENS, STEP_SECONDS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -223,6 +223,8 @@ class ApiMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(node, failovers))
         self.registry.register(STEP_SECONDS)
+        self.registry.register(BATCH_ROWS)
+        self.registry.register(BATCH_TOKENS)
         self.requests = Counter(
             "shardmesh_api_requests",
             "HTTP API requests, by endpoint and status code.",

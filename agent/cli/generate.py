@@ -5,13 +5,19 @@ Text streams to stdout as tokens arrive.
 A model whose blocks peers are still loading is waited for, up to `--timeout`: one line on
 stderr says so ("waiting: model X is loading on 2 peers (blocks 0:4 on ...)"), then the
 generation runs once every block is online; a load that does not finish in time is one
-"... still loading ..." error line (exit 1)."""
+"... still loading ..." error line (exit 1).
+
+Several prompts (`--prompt` repeated, or `--prompts-file FILE`, one a line) run at once, each
+its own generation: the agents batch their steps (continuous batching). Their texts are
+printed in prompt order when all are done, each after a `[N]` line; `--json` prints a list."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +29,27 @@ if TYPE_CHECKING:
 # As agent.route.generation's limit on a request's `loading_wait` (not imported: it loads
 # the client's modules, and a usage error must not wait for them).
 MAX_LOADING_WAIT_S = 86_400.0
+# Prompts one `shardmesh generate` runs at once (each holds a session on every hop).
+MAX_PROMPTS = 64
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """The text prompts (--prompt, repeatable, or --prompts-file), or None for --prompt-ids."""
+    if args.prompts_file is not None:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--prompts-file: cannot read {args.prompts_file}: {exc}") from None
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts-file: {args.prompts_file} has no prompts")
+    elif args.prompt is not None:
+        prompts = list(args.prompt)
+    else:
+        return None
+    if len(prompts) > MAX_PROMPTS:
+        raise UsageError(f"at most {MAX_PROMPTS} prompts at once, got {len(prompts)}")
+    return prompts
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -35,7 +62,7 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _request(args: argparse.Namespace) -> dict[str, Any]:
+def _request(args: argparse.Namespace, prompt: str | None) -> dict[str, Any]:
     req: dict[str, Any] = {
         "model": args.model,
         "max_new_tokens": args.max_new_tokens,
@@ -43,10 +70,10 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         "top_p": args.top_p,
         "seed": args.seed,
     }
-    if args.prompt_ids is not None:
+    if prompt is None:
         req["prompt_ids"] = _parse_ids(args.prompt_ids)
     else:
-        req["prompt"] = args.prompt
+        req["prompt"] = prompt
     if args.model_dir is not None:
         req["model_dir"] = str(Path(args.model_dir).resolve())
     if not args.timeout > 0:
@@ -132,14 +159,18 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
 
 
 def run_generate(args: argparse.Namespace, control_path: Path) -> int:
-    req = _request(args)
-    text_mode = args.prompt is not None
+    prompts = _prompts(args)
+    reqs = [_request(args, p) for p in prompts] if prompts else [_request(args, None)]
+    text_mode = prompts is not None
     if args.bootstrap:
-        return _standalone(args, req, text_mode)
+        return _standalone(args, reqs, text_mode)
     if getattr(args, "config", None) is not None:
         raise UsageError(
             "--config: only with --bootstrap (the local agent uses its own config's [client])"
         )
+    if len(reqs) > 1:
+        return _many_local(args, reqs, control_path)
+    req = reqs[0]
     from agent.api import control
 
     result = None
@@ -157,19 +188,62 @@ def run_generate(args: argparse.Namespace, control_path: Path) -> int:
     return _finish(result, args, text_mode)
 
 
-def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) -> int:
+def _many_local(args: argparse.Namespace, reqs: list[dict[str, Any]], control_path: Path) -> int:
+    """Several generations through the local agent at once, one control connection each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.api import control
+
+    waiting = WaitingLine()
+    lock = threading.Lock()
+
+    def one(req: dict[str, Any]) -> dict[str, Any]:
+        for event in control.stream_request(control_path, "generate", timeout=args.timeout, **req):
+            if event.get("event") == "waiting":
+                with lock:
+                    waiting.show(str(event.get("message") or f"model {args.model} is loading"))
+            elif event.get("event") == "result":
+                return event["result"]  # type: ignore[no-any-return]
+        raise ShardmeshError("the agent ended a generation without a result")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(reqs)) as pool:
+        results = list(pool.map(one, reqs))  # the first error, if any, is raised here
+    return _finish_many(results, args, time.perf_counter() - t0)
+
+
+def _finish_many(results: list[dict[str, Any]], args: argparse.Namespace, wall_s: float) -> int:
+    if args.json:
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+        return 0
+    for i, result in enumerate(results, 1):
+        sys.stdout.write(f"[{i}]\n{result.get('text') or ''}\n")
+    for i, result in enumerate(results, 1):
+        sys.stderr.write(
+            f"[{i}] {len(result['token_ids'])} tokens, {result['decode_tokens_per_s']:.1f} tok/s, "
+            f"failovers {result['failovers']}\n"
+        )
+    tokens = sum(len(r["token_ids"]) for r in results)
+    sys.stderr.write(
+        f"{len(results)} generations at once: {tokens} tokens in {wall_s:.1f} s, "
+        f"{tokens / max(wall_s, 1e-9):.1f} tok/s in all\n"
+    )
+    return 0
+
+
+def _standalone(args: argparse.Namespace, reqs: list[dict[str, Any]], text_mode: bool) -> int:
     import trio
 
     if args.model_dir is None:
         raise UsageError("a standalone client (--bootstrap) needs --model-dir DIR")
     cfg = client_config(args)  # a bad config file fails before the mesh is joined
 
-    async def main() -> dict[str, Any]:
+    async def main() -> list[dict[str, Any]]:
         from agent.route.generation import ClientParts, GenerateRequest, run_generation
         from agent.route.loading import Loading
         from agent.route.standalone import open_standalone, wait_for_model
 
-        request = GenerateRequest.from_json(req)
+        requests = [GenerateRequest.from_json(req) for req in reqs]
         with trio.fail_after(args.timeout):
             async with open_standalone(
                 args.bootstrap, swarm_secret_file=args.swarm_secret_file
@@ -190,15 +264,27 @@ def _standalone(args: argparse.Namespace, req: dict[str, Any], text_mode: bool) 
                 async def emit(event: dict[str, Any]) -> None:
                     if event.get("event") == "waiting":
                         waiting.show(str(event.get("message")))
-                    elif not args.json:
+                    elif not args.json and len(requests) == 1:
                         _print_token(event, text_mode)
 
-                return await run_generation(
-                    view, ClientParts(), request, model_id, Path(args.model_dir), emit, cfg=cfg
-                )
+                parts = ClientParts()  # one head and tokenizer for every prompt
+                results: list[dict[str, Any]] = [{} for _ in requests]
 
+                async def one(i: int) -> None:
+                    results[i] = await run_generation(
+                        view, parts, requests[i], model_id, Path(args.model_dir), emit, cfg=cfg
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(requests)):
+                        nursery.start_soon(one, i)
+                return results
+
+    t0 = time.perf_counter()
     try:
-        result = trio.run(main)
+        results = trio.run(main)
     except trio.TooSlowError:
         raise ShardmeshError(f"generation did not finish within {args.timeout:g} s") from None
-    return _finish(result, args, text_mode)
+    if len(results) > 1:
+        return _finish_many(results, args, time.perf_counter() - t0)
+    return _finish(results[0], args, text_mode)

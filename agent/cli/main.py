@@ -78,7 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_args(gen)
     gen.add_argument("--model", required=True, help="model id, or its name when unambiguous")
     src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text prompt (needs a tokenizer)")
+    src.add_argument(
+        "--prompt",
+        action="append",
+        help="text prompt (needs a tokenizer); repeat it to run several prompts at once",
+    )
+    src.add_argument(
+        "--prompts-file",
+        type=Path,
+        metavar="FILE",
+        help="text prompts, one a line, run at once (agents batch their steps)",
+    )
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

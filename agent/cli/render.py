@@ -52,6 +52,13 @@ def status_table(s: dict[str, Any]) -> str:
     t.add_row("model", s.get("model_name") or s.get("model") or "-")
     t.add_row("span", _span(s.get("span")))
     t.add_row("sessions", str(s.get("sessions", 0)))
+    batch = s.get("batch")
+    if batch:
+        t.add_row(
+            "batching",
+            f"last forward {batch['last_rows']} rows, {batch['waiting']} steps waiting; "
+            f"{batch['mean_rows']} rows a forward over {batch['forwards']} forwards",
+        )
     t.add_row("devices", _gpus(s.get("devices", [])))
     t.add_row("protocols", "\n".join(s.get("protocols", [])))
     t.add_row("peers", f"{s.get('known_peers', 0)} known, {s.get('connected_peers', 0)} connected")

@@ -99,7 +99,10 @@ class ApiConfig:
     listen: str = ""  # HOST:PORT, e.g. 127.0.0.1:8080
     key_file: Path | None = None  # bearer keys, one a line; required off loopback
     model_dirs: tuple[Path, ...] = ()  # local checkpoints for the embeddings/head/tokenizer
-    max_concurrent: int = 4  # generations at once; more get 429
+    # Generations at once; more get 429. 8 is what one peer may hold at a server by default
+    # (a quarter of max_sessions): list this agent in the servers' limits.trusted_peers to
+    # run more, up to what their batches hold.
+    max_concurrent: int = 8
     request_timeout: float = 600.0
     # Bearer keys on every route even on loopback: without key_file the agent will not start.
     require_key: bool = False

@@ -28,7 +28,7 @@ MAX_STRIKES = 32
 # Idle peers (no streams, no sessions, buckets full) are forgotten beyond this many remembered.
 MAX_TRACKED_PEERS = 4096
 # The session share never leaves a peer fewer than this many (per_peer_sessions still caps
-# it): an agent routing its HTTP API's generations (api.max_concurrent, 4 by default) holds
+# it): an agent routing its HTTP API's generations (api.max_concurrent, 8 by default) holds
 # one session per generation on a server.
 MIN_SHARE_SESSIONS = 4
 

@@ -262,6 +262,7 @@ class Serving:
                 "last_rows": self.batcher.last_rows,
                 "waiting": self.batcher.waiting,
                 "forwards": self.batcher.forwards,
+                "rows": self.batcher.rows_total,
                 "mean_rows": round(self.batcher.rows_total / self.batcher.forwards, 2)
                 if self.batcher.forwards
                 else 0.0,
