@@ -338,3 +338,29 @@ def test_placement_over_a_big_table_is_quick() -> None:
     start, end = choose_span(spans, 120, 20, self_id="me")
     assert time.perf_counter() - t0 < 3.0
     assert end - start == 20
+
+
+def test_the_standalone_client_charges_new_ids_to_their_relay_too() -> None:
+    """`shardmesh generate --bootstrap` keeps a peer table of its own: bounded, and fed
+    through the same intake as an agent's, so a flood through its bootstrap peer is cut off
+    at the relay budget."""
+    from types import SimpleNamespace
+
+    from agent.policy.peertable import DEFAULT_NEW_PEERS_PER_MINUTE
+    from agent.route.standalone import StandaloneView
+
+    mesh = SimpleNamespace(host=None, peer_id="client", is_connected=lambda pid: True)
+    view = StandaloneView(mesh)
+    intake = mesh.intake  # type: ignore[attr-defined]
+    assert isinstance(intake, AdIntake) and intake.table is view.table
+    admitted = 0
+    for i in range(int(DEFAULT_NEW_PEERS_PER_MINUTE) * 3):
+        pid = f"fresh{i}"
+        if (
+            intake.screen("bootstrap", pid, 0.0) is None
+            and intake.admit("bootstrap", _ad(pid), 0.0) is None
+        ):
+            view.on_ad(_ad(pid))
+            admitted += 1
+    assert admitted == int(DEFAULT_NEW_PEERS_PER_MINUTE)  # a minute's burst, then refused
+    assert len(view.table) == admitted

@@ -35,12 +35,16 @@ class StandaloneView:
     local: LocalForward | None = None
 
     def __init__(self, mesh: Any) -> None:
-        from agent.policy.peertable import PeerTable
+        from agent.policy.peertable import AdIntake, PeerTable, RelayBudget, TableLimits
 
         self.mesh = mesh
         self.host = mesh.host
         self.self_id = mesh.peer_id
-        self.table = PeerTable(mesh.peer_id)
+        # Bounded like an agent's, and new peer ids charged to the peer relaying them, so a
+        # flood of fresh signed ids through a bootstrap peer cannot fill the client either.
+        limits = TableLimits()
+        self.table = PeerTable(mesh.peer_id, limits)
+        mesh.intake = AdIntake(self.table, RelayBudget(limits.new_peers_per_minute))
 
     def spans(self, model_id: str) -> list[PeerSpan]:
         self.table.expire(time.monotonic(), self.mesh.is_connected)
