@@ -13,6 +13,7 @@ import trio
 from agent.config import ClientConfig
 from agent.model.sampling import Sampler, SamplingParams
 from agent.route.chunks import in_chunks
+from agent.route.headbatch import head_batcher
 from agent.route.health import PeerHealth
 from agent.route.session import RouteSession
 from agent.route.view import GenerationError, MeshView
@@ -92,6 +93,8 @@ async def generate_ids(
         from agent.route.verify import Verifier
 
         session.verifier = Verifier(cfg)
+    # Off the event loop, and in one matmul with other generations through this head.
+    logits = head_batcher(head).logits
     tokens: list[int] = []
     try:
         t0 = time.perf_counter()
@@ -99,7 +102,7 @@ async def generate_ids(
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
         hidden = head.embed(ids, 0)
         out = (await in_chunks(session.step, hidden, 0, cfg.max_chunk_bytes))[-1]
-        token = int(sampler(head.logits(out[:, -1:])[:, -1])[0])
+        token = int(sampler((await logits(out[:, -1:]))[:, -1])[0])
         prefill_s = time.perf_counter() - t0
         tokens.append(token)
         stop = bool(on_token and await on_token(token))
@@ -109,7 +112,7 @@ async def generate_ids(
             hidden = head.embed(torch.tensor([[token]], dtype=torch.long), position)
             out = await session.step(hidden, position)
             position += 1
-            token = int(sampler(head.logits(out)[:, -1])[0])
+            token = int(sampler((await logits(out))[:, -1])[0])
             tokens.append(token)
             stop = bool(on_token and await on_token(token))
         decode_s = time.perf_counter() - t1
