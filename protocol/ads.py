@@ -235,9 +235,13 @@ def _decode_addr(obj: Any, peer_id: str) -> str:
     if not sep or tail != peer_id or not head:
         raise DecodeError(f"field 'addrs': {text[:80]!r} does not end in /p2p/<the ad's peer id>")
     try:
-        multiaddr.Multiaddr(text)
+        # Parsed, and read back (multiaddr parses some texts it cannot decode again).
+        last = list(multiaddr.Multiaddr(text).items())[-1]
     except Exception as e:  # the multiaddr package raises several unrelated types
         raise DecodeError(f"field 'addrs': not a multiaddr: {text[:80]!r} ({e})") from None
+    # As a multiaddr, not only as text: in /unix/a/p2p/<id> the "/p2p/<id>" is a path.
+    if last[0].name != "p2p" or last[1] != peer_id:
+        raise DecodeError(f"field 'addrs': {text[:80]!r} does not end in /p2p/<the ad's peer id>")
     return text
 
 

@@ -9,6 +9,13 @@ the input is saved to --out/findings/ with its traceback, and the fuzzer goes on
 own findings (an input that runs past -timeout, or memory past -rss_limit_mb) are saved there
 too, by libFuzzer.
 
+The ad_* field targets build a validly signed ad from the input, one group of fields
+hostile at a time (addresses, block counts and spans, TTL and timestamp, counts), so that the
+decoder's value rules are reached past the signature; whatever decodes must satisfy every
+bound the protocol promises (`check_ad_bounds`), and `own_ad_timing` checks that the agent's
+own interval and TTL, from any config that validation accepts and any table size, give an
+ad that peers accept.
+
 Each target runs in its own process (atheris.Fuzz never returns) for its share of --seconds,
 starting from a seed corpus of valid encodings kept in --out/corpus/<target>/ (it grows with
 what the fuzzer finds, so later runs start further). At the end one line a target: executions,
@@ -56,6 +63,7 @@ def build_targets() -> dict[str, Target]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from protocol import ads, codec, forward, tensors
+    from protocol import errors as perrors
     from protocol import frames as framing  # `frames` names the encoded frames below
 
     key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -131,26 +139,28 @@ def build_targets() -> dict[str, Target]:
                 while True:
                     try:
                         msg = dec.next_message()
-                    except codec.DecodeError:
+                    except perrors.DecodeError:
                         continue
                     if msg is None:
                         break
                 assert dec.buffered <= forward.FRAME_PREFIX_LEN + FRAME_MAX, "over-buffered"
-        except codec.FrameTooLarge:
+        except perrors.FrameTooLarge:
             assert dec.buffered == 0, "buffer kept after FrameTooLarge"
             try:
                 dec.feed(b"\x00")
-            except codec.FrameTooLarge:
+            except perrors.FrameTooLarge:
                 return
             raise AssertionError("decoder usable after FrameTooLarge") from None
 
     def decode_signed_ad(data: bytes) -> None:
         got = ads.decode_signed_ad(data)
         assert got.peer_id == peer  # only our key can sign; anything else is a forgery
+        check_ad_bounds(got, peer)
 
     def ad_body_signed(data: bytes) -> None:
         # Validly signed hostile ad bodies: the only way past the signature to the ad parser.
         got = ads.decode_signed_ad(sign_raw(data))
+        check_ad_bounds(got, peer)
         assert ads.decode_signed_ad(ads.encode_signed_ad(got, key)) == got, "round trip"
 
     validator = ads.AdValidator(max_peers=64)
@@ -159,7 +169,7 @@ def build_targets() -> dict[str, Target]:
         sender = peer if len(data) % 2 else None
         try:
             validator.check(data, sender=sender, now=now + (len(data) % 7))
-        except ads.AdRejected as e:
+        except perrors.AdRejected as e:
             assert e.reason in ads.AD_REJECT_REASONS, e.reason
 
     targets = {
@@ -177,9 +187,339 @@ def build_targets() -> dict[str, Target]:
         "ad_body": Target(ad_body_signed, [ad_body]),
         "ad_validator": Target(ad_validator, [envelope, sign_raw(ad_body)]),
     }
+    targets.update(_ad_field_targets())
     targets.update(_connection_targets())
     targets.update(_swarm_targets())
     return targets
+
+
+def check_ad_bounds(ad: Any, peer: str) -> None:
+    """Every bound a decoded ad promises its users (the peer table, peer exchange, routing,
+    `peers`), asserted: an AssertionError here is a value the decoder let through."""
+    import math
+
+    import multiaddr
+
+    from protocol import ads
+    from protocol.ids import PROTOCOL_MAJOR, parse_version
+
+    def count(value: Any, lo: int, hi: int) -> bool:
+        return type(value) is int and lo <= value <= hi
+
+    def real(value: Any, lo: float, hi: float) -> bool:
+        return type(value) is float and math.isfinite(value) and lo <= value <= hi
+
+    assert parse_version(ad.version)[0] == PROTOCOL_MAJOR, f"version {ad.version!r}"
+    assert ad.peer_id == peer, "peer id"
+    # Addresses: at most MAX_ADDRS, each a multiaddr whose last component is /p2p/<the ad's
+    # own id>, and whose part before it is what Mesh.dial hands to py-libp2p (it must parse).
+    assert isinstance(ad.addrs, tuple) and len(ad.addrs) <= ads.MAX_ADDRS, "too many addrs"
+    for addr in ad.addrs:
+        assert type(addr) is str and 1 <= len(addr) <= ads.MAX_ADDR_LEN, f"addr {addr!r:.80}"
+        items = list(multiaddr.Multiaddr(addr).items())
+        last = (items[-1][0].name, items[-1][1]) if items else None
+        assert last == ("p2p", peer), f"addr {addr!r:.100} does not end in /p2p/<own id>"
+        head = addr.rpartition("/p2p/")[0]
+        multiaddr.Multiaddr(head)  # raises (a finding) if the dialable part does not parse
+    # Blocks: n_blocks in [1, MAX_BLOCKS]; a span inside it, non-empty, with a model.
+    assert ad.n_blocks is None or count(ad.n_blocks, 1, ads.MAX_BLOCKS), f"n_blocks {ad.n_blocks}"
+    if ad.span is not None:
+        assert ad.n_blocks is not None and ad.model is not None, "span without n_blocks/model"
+        start, end = ad.span
+        assert count(start, 0, ad.n_blocks - 1) and count(end, start + 1, ad.n_blocks), ad.span
+    assert ad.model is None or (type(ad.model) is str and 1 <= len(ad.model) <= ads.MAX_NAME_LEN)
+    assert ad.model_name is None or len(ad.model_name) <= ads.MAX_NAME_LEN
+    # Time: a finite timestamp, a TTL in (0, MAX_TTL], so the expiry is finite too.
+    assert real(ad.timestamp, 0.0, ads.MAX_TIMESTAMP), f"timestamp {ad.timestamp!r}"
+    assert real(ad.ttl, 0.0, ads.MAX_TTL) and ad.ttl > 0, f"ttl {ad.ttl!r}"
+    assert math.isfinite(ad.expires_at), "expiry"
+    # Counts: ints (not bools) in [0, MAX_COUNT]; throughput finite and bounded.
+    for name in ("kv_free_tokens", "sessions", "seq"):
+        assert count(getattr(ad, name), 0, ads.MAX_COUNT), f"{name} {getattr(ad, name)!r}"
+    assert real(ad.throughput, 0.0, ads.MAX_THROUGHPUT), f"throughput {ad.throughput!r}"
+    assert ad.state in ads.AD_STATES, f"state {ad.state!r}"
+    assert type(ad.reason) is str and len(ad.reason) <= ads.MAX_REASON_LEN, "reason"
+    assert isinstance(ad.devices, tuple) and len(ad.devices) <= ads.MAX_DEVICES, "devices"
+    for d in ad.devices:
+        assert d.kind in ads.DEVICE_KINDS and len(d.name) <= ads.MAX_NAME_LEN, d
+        assert count(d.memory_total, 0, ads.MAX_COUNT), d
+        assert count(d.memory_free, 0, d.memory_total), d
+        assert d.utilization is None or real(d.utilization, 0.0, 100.0), d
+
+
+class _Draw:
+    """Values drawn from fuzz input bytes, deterministically (no atheris needed, so the
+    targets also run on their seeds in the tests); past the end every draw reads zeros, and
+    choice 0 is always the honest value, so a short input is a valid ad."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def raw(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out + bytes(n - len(out))
+
+    def byte(self) -> int:
+        return self.raw(1)[0]
+
+    def below(self, n: int) -> int:
+        """An int in [0, n) from one byte, or two when n > 256."""
+        return int.from_bytes(self.raw(1 if n <= 256 else 2), "big") % n
+
+    def pick(self, options: list[Any]) -> Any:
+        return options[self.below(len(options))]
+
+    def text(self, max_len: int) -> str:
+        return self.raw(self.below(max_len + 1)).decode("utf-8", "replace")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.raw(8), "big")
+
+    def double(self) -> float:
+        import struct
+
+        return float(struct.unpack(">d", self.raw(8))[0])
+
+
+_RAW_INT, _RAW_FLOAT = object(), object()  # "draw the value from the next 8 bytes"
+
+
+def _value(d: _Draw, honest: Any, edges: list[Any]) -> Any:
+    """`honest` (choice 0), an edge value, or a raw int or double from the input."""
+    got = d.pick([honest, *edges, _RAW_INT, _RAW_FLOAT])
+    if got is _RAW_INT:
+        return d.u64() - (1 << 63) if d.byte() & 1 else d.u64()
+    if got is _RAW_FLOAT:
+        return d.double()
+    return got
+
+
+def _ad_field_targets() -> dict[str, Target]:
+    """Validly signed ads whose fields, one group per target, are drawn from the input: the
+    value rules of protocol.ads (addresses, blocks and spans, TTL and timestamp, counts)."""
+    import math
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocol import ads, codec
+    from protocol.errors import AdRejected
+
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    peer = ads.peer_id_from_ed25519(ads.public_key_raw(key))
+    other = ads.peer_id_from_ed25519(
+        ads.public_key_raw(Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))))
+    )
+    now = 1_700_000_000.0
+    base: dict[str, Any] = {
+        "version": "1.0.0",
+        "peer_id": peer,
+        "addrs": [f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}"],
+        "devices": [],
+        "model": "tiny@ab12",
+        "model_name": "tiny",
+        "n_blocks": 8,
+        "span": [2, 6],
+        "throughput": 100.0,
+        "kv_free_tokens": 4096,
+        "sessions": 1,
+        "state": "online",
+        "seq": 3,
+        "timestamp": now,
+        "ttl": 60.0,
+        "reason": "",
+    }
+    validator_now = now + 1.0
+
+    def decode(fields: dict[str, Any]) -> Any:
+        """Sign the ad map, decode it like a receiver; check what decoded."""
+        ad_bytes = codec.pack({**base, **fields})
+        sig = key.sign(ads.AD_SIGNING_PREFIX + ad_bytes)
+        env = codec.pack({"ad": ad_bytes, "key": ads.public_key_raw(key), "sig": sig})
+        got = ads.decode_signed_ad(env)
+        check_ad_bounds(got, peer)
+        return got
+
+    # --- addresses ------------------------------------------------------------------------
+    pieces = [
+        "/ip4/127.0.0.1", "/ip4/10.0.0.1", "/ip6/::1", "/ip6zone/x", "/dns4/a.example",
+        "/dns/x", "/dnsaddr/x", "/tcp/4001", "/tcp/0", "/tcp/65536", "/udp/1", "/quic-v1",
+        "/ws", "/wss", "/tls", "/unix", "/unix/", "/unix/a", "/memory/3", "/p2p-circuit",
+        "/p2p/", "/p2p", "/ipfs/", f"/p2p/{peer}", f"/p2p/{other}", peer, other, "/", "//",
+        "", "\x00", "\u00e9", "x" * 40, "/garbage",
+    ]  # fmt: skip
+
+    def draw_addr(d: _Draw) -> Any:
+        kind = d.below(8)
+        if kind == 0:  # honest
+            a, b = d.byte(), d.byte()
+            return f"/ip4/10.{a}.{b}.1/tcp/{d.below(65536)}/p2p/{peer}"
+        if kind == 1:  # another peer's id
+            return f"/ip4/127.0.0.1/tcp/4001/p2p/{other}"
+        if kind == 2:  # free text that ends in our id
+            return d.text(64) + f"/p2p/{peer}"
+        if kind == 3:  # protocol fragments, ending in our id or not
+            parts = [d.pick(pieces) for _ in range(d.below(6))]
+            return "".join(parts) + (f"/p2p/{peer}" if d.byte() & 1 else "")
+        if kind == 4:  # around the length limit
+            n = ads.MAX_ADDR_LEN - len(f"/dns4//tcp/1/p2p/{peer}") - 2 + d.below(5)
+            return f"/dns4/{'a' * max(0, n)}/tcp/1/p2p/{peer}"
+        if kind == 5:  # not a string
+            return d.pick([None, 1, -1, b"/ip4/1.2.3.4", [], {}, True, 1.5])
+        if kind == 6:  # free text
+            return d.text(128)
+        return f"{d.pick(pieces)}/p2p/{peer}"
+
+    def ad_addrs(data: bytes) -> None:
+        d = _Draw(data)
+        n = d.pick([1, 0, 2, ads.MAX_ADDRS, ads.MAX_ADDRS + 1, d.below(40)])
+        addrs: Any = [draw_addr(d) for _ in range(n)]
+        if d.byte() == 255:
+            addrs = d.pick([None, "x", {}, f"/ip4/1.2.3.4/tcp/1/p2p/{peer}"])
+        decode({"addrs": addrs})
+
+    # --- blocks and spans -------------------------------------------------------------------
+    mb = ads.MAX_BLOCKS
+    block_edges = [None, 0, 1, 2, mb - 1, mb, mb + 1, 1 << 20, 2**63 - 1, -1, True, 8.0, "8"]
+
+    def ad_blocks(data: bytes) -> None:
+        d = _Draw(data)
+        n_blocks = _value(d, 8, block_edges)
+        n = n_blocks if type(n_blocks) is int else 8
+        span_edges = [0, 1, n - 1, n, n + 1, -1, mb - 1, mb, mb + 1, 2**64 - 1, None, True, 0.0]
+        shape = d.below(6)
+        span: Any
+        if shape == 0:
+            span = [_value(d, 2, span_edges), _value(d, 6, span_edges)]
+        elif shape == 1:
+            span = None
+        elif shape == 2:
+            span = [_value(d, 0, span_edges)]
+        elif shape == 3:
+            span = [_value(d, 0, span_edges) for _ in range(3)]
+        elif shape == 4:
+            span = d.pick(["0:4", 4, {}, (0, 4)])
+        else:
+            span = [_value(d, 0, span_edges), _value(d, n, span_edges)]
+        names = ["tiny@ab12", None, "", "m" * ads.MAX_NAME_LEN, "m" * (ads.MAX_NAME_LEN + 1)]
+        model = d.pick(names)
+        decode({"n_blocks": n_blocks, "span": span, "model": model})
+
+    # --- TTL and timestamp ----------------------------------------------------------------------
+    mt = ads.MAX_TTL
+    float_edges = [
+        0.0, -0.0, 5e-324, 1e-300, 1.0, 1, mt, math.nextafter(mt, math.inf), mt + 1, 1e9,
+        1e308, math.inf, -math.inf, math.nan, -1.0, True, None, "60", 2**63, -(2**63),
+    ]  # fmt: skip
+    ts_edges = [
+        0.0, now - 3600, now + 29.0, now + 31.0, ads.MAX_TIMESTAMP,
+        math.nextafter(ads.MAX_TIMESTAMP, math.inf), math.inf, math.nan, -1.0, 0, None,
+    ]  # fmt: skip
+    validator = ads.AdValidator(max_peers=8)
+
+    def ad_timing(data: bytes) -> None:
+        d = _Draw(data)
+        ttl = _value(d, 60.0, float_edges)
+        ts = _value(d, now, ts_edges)
+        got = decode({"ttl": ttl, "timestamp": ts, "seq": d.u64() >> 1})
+        # The validator's freshness rules on what decoded: accepted means fresh and not from
+        # the future (beyond the skew), so the entry's expiry is ahead of us and finite.
+        envelope = ads.encode_signed_ad(got, key)
+        try:
+            ok = validator.check(envelope, sender=peer, now=validator_now)
+        except AdRejected as e:
+            assert e.reason in ("expired", "future", "replayed"), e.reason
+            return
+        assert ok.timestamp <= validator_now + validator.max_clock_skew, "from the future"
+        assert validator_now <= ok.expires_at < math.inf, "expired or endless"
+
+    # --- counts -------------------------------------------------------------------------------
+    mc = ads.MAX_COUNT
+    count_edges = [0, 1, mc, mc + 1, 2**64 - 1, -1, -(2**63), True, False, 1.0, None, "1"]
+    util_edges = [None, 0.0, 100.0, math.nextafter(100.0, math.inf), -0.0, -1e-9, math.nan, 50]
+
+    def ad_counts(data: bytes) -> None:
+        d = _Draw(data)
+        devices = []
+        for _ in range(d.pick([0, 1, ads.MAX_DEVICES, ads.MAX_DEVICES + 1, d.below(4)])):
+            total = _value(d, 1 << 34, count_edges)
+            devices.append(
+                {
+                    "kind": d.pick(["gpu", "cpu", "tpu", "", None]),
+                    "name": d.pick(["x", "", "n" * ads.MAX_NAME_LEN, "n" * (ads.MAX_NAME_LEN + 1)]),
+                    "memory_total": total,
+                    "memory_free": _value(d, 1 << 33, [total, *count_edges]),
+                    "utilization": _value(d, 12.5, util_edges),
+                }
+            )
+        tp_edges = [0.0, ads.MAX_THROUGHPUT, ads.MAX_THROUGHPUT * 2, math.inf, math.nan, -1.0]
+        decode(
+            {
+                "devices": devices,
+                "kv_free_tokens": _value(d, 4096, count_edges),
+                "sessions": _value(d, 1, count_edges),
+                "seq": _value(d, 3, count_edges),
+                "throughput": _value(d, 100.0, [*tp_edges, 1, True, None]),
+                "state": d.pick(["online", "joining", "draining", "leaving", "gone", "", None]),
+            }
+        )
+
+    return {
+        "ad_addrs": Target(ad_addrs, [b"", bytes([0, 1, 2, 3, 4, 5, 6, 7] * 4), bytes(range(64))]),
+        # Honest; no span; 4096 blocks served whole (the protocol's maximum, at the bound).
+        "ad_blocks": Target(ad_blocks, [b"", bytes([0, 1, 0]), bytes([6, 0, 1, 8, 0])]),
+        "ad_timing": Target(ad_timing, [b"", bytes([7, 5, 0]), bytes([0, 2])]),
+        "ad_counts": Target(ad_counts, [b"", bytes([2, 1]), bytes([1] * 12)]),
+        **_own_timing_target(validator_now, decode),
+    }
+
+
+def _own_timing_target(now: float, decode: Callable[[dict[str, Any]], Any]) -> dict[str, Target]:
+    """The agent's own ad timing (agent.policy.peertable's announce_interval, announce_ttl):
+    from any announce_interval and ad_ttl that config validation accepts and any table
+    size, the interval is finite and within the protocol's bound and the TTL gives an ad
+    that peers accept. Only where this checkout has the agent package."""
+    try:
+        from agent.config import AgentConfig, ConfigError, validate
+        from agent.policy.peertable import (
+            MAX_ANNOUNCE_INTERVAL,
+            TTL_PER_INTERVAL,
+            announce_interval,
+            announce_ttl,
+        )
+    except ImportError:
+        return {}
+    import math
+
+    from protocol import ads
+    from protocol.errors import ProtocolError
+
+    edges = [
+        0.5, 1.0, 20.0, 900.0, 3600.0, 3601.0, 1e9, 1e308, math.inf, 5e-324, 0.0, -1.0,
+        math.nan, -math.inf,
+    ]  # fmt: skip
+
+    def own_ad_timing(data: bytes) -> None:
+        d = _Draw(data)
+        base_interval = float(_value(d, 5.0, edges))
+        base_ttl = float(_value(d, 20.0, edges))
+        n_peers = d.pick([0, 1, 24, 1024, 10**6, 2**40, d.u64()])
+        try:
+            validate(AgentConfig(announce_interval=base_interval, ad_ttl=base_ttl))
+        except ConfigError:
+            return  # the agent refuses to start with it
+        interval = announce_interval(base_interval, n_peers)
+        ttl = announce_ttl(base_ttl, interval)
+        what = f"announce_interval={base_interval!r} ad_ttl={base_ttl!r} peers={n_peers}"
+        assert math.isfinite(interval) and 0 < interval <= MAX_ANNOUNCE_INTERVAL, (what, interval)
+        assert 0 < ttl <= ads.MAX_TTL and ttl >= TTL_PER_INTERVAL * interval, (what, ttl)
+        try:
+            decode({"ttl": ttl, "timestamp": now})
+        except ProtocolError as e:
+            raise AssertionError(f"{what}: peers would refuse our ad ({e})") from None
+
+    return {"own_ad_timing": Target(own_ad_timing, [b"", bytes([3, 2, 4])], max_len=64)}
 
 
 def _connection_targets() -> dict[str, Target]:
@@ -192,11 +532,12 @@ def _connection_targets() -> dict[str, Target]:
     from protocol import forward
     from protocol import frames as framing
     from protocol.errors import ProtocolError
+    from protocol.tensors import TensorFrame
 
     role_of = {0: connection.Role.CLIENT, 1: connection.Role.SERVER}
     # Small limits, so that skipped and fatal frames are within the fuzzer's reach.
     max_frame, max_discard = 512, 2048
-    tensor = forward.TensorFrame("float32", (1, 1, 2), bytes(8))
+    tensor = TensorFrame("float32", (1, 1, 2), bytes(8))
     state = connection.ConnectionState
 
     def drive(role: connection.Role, chunks: list[bytes]) -> list[object]:
@@ -284,7 +625,7 @@ def _connection_targets() -> dict[str, Target]:
                     forward.SessionOpened("s", 8, 0),
                     forward.StepResult(1, tensor, 0.5),
                     forward.ErrorReply("position", "m", 2),
-                    forward.StepResult(3, forward.TensorFrame("float32", (2, 1), bytes(8)), 1.0),
+                    forward.StepResult(3, TensorFrame("float32", (2, 1), bytes(8)), 1.0),
                     forward.ErrorReply("malformed", "m", None),
                 ),
                 seed(1, 128, (max_frame + 1).to_bytes(4, "big") + bytes(max_frame + 1))
@@ -330,7 +671,7 @@ def _swarm_targets() -> dict[str, Target]:
                 hs.receive(msg)
 
     mac = swarm.compute_proof(key, b"initiator", b"i", b"r", nonce_i, nonce_r)
-    msgs = [
+    msgs: list[swarm.AuthMessage] = [
         swarm.Hello(nonce_i),
         swarm.Proof(mac),
         swarm.Challenge(nonce_r),
@@ -381,7 +722,7 @@ def libfuzzer_dict(seeds: list[bytes]) -> str:
 
 
 def run_child(name: str, seconds: int, out: Path, libfuzzer_args: list[str]) -> None:
-    import atheris
+    import atheris  # type: ignore[import-untyped, import-not-found, unused-ignore]  # untyped
 
     with atheris.instrument_imports(include=["protocol"]):
         import protocol.ads
@@ -487,11 +828,18 @@ def run_target(
         text = proc.stdout + proc.stderr
         rc: int | str = proc.returncode
     except subprocess.TimeoutExpired as e:  # subprocess.run killed the child already
-        text = (e.stdout or "") + (e.stderr or "")
-        text = text if isinstance(text, str) else text.decode(errors="replace")
+        parts = [
+            p.decode(errors="replace") if isinstance(p, bytes) else p or ""
+            for p in (e.stdout, e.stderr)
+        ]
+        text = "".join(parts)
         rc = "timeout"
     (log_dir / f"{name}.log").write_text(text)
-    result = {"target": name, "rc": rc, "wall_s": round(time.monotonic() - started, 1)}
+    result: dict[str, Any] = {
+        "target": name,
+        "rc": rc,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
     result.update(parse_output(text))
     if result["executions"] == 0:
         result["findings"].append(f"target did not run (rc {rc}); see {log_dir / name}.log")

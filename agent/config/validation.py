@@ -31,17 +31,21 @@ def validate(cfg: AgentConfig) -> None:
     if not cfg.listen:
         raise ConfigError("listen: at least one address is needed")
     for key in ("announce_interval", "ad_ttl", "bootstrap_retry_max"):
-        if getattr(cfg, key) <= 0:
+        if not 0 < getattr(cfg, key) < math.inf:  # NaN fails too
             raise ConfigError(f"{key}: must be positive")
     if cfg.ad_ttl < cfg.announce_interval:
         raise ConfigError("ad_ttl: must be at least announce_interval")
-    if cfg.bootstrap_wait < 0:
+    if not 0 <= cfg.bootstrap_wait < math.inf:
         raise ConfigError("bootstrap_wait: must not be negative")
     if cfg.threads < 0:
         raise ConfigError("threads: must be 0 (auto) or positive")
     if cfg.max_blocks < 0:
         raise ConfigError("max_blocks: must be 0 (as memory allows) or positive")
-    parse_blocks(cfg.blocks)
+    if parse_blocks(cfg.blocks) is not None and cfg.model is None:
+        raise ConfigError(
+            f"blocks: {cfg.blocks} names blocks to serve, but no model is set: add --model DIR "
+            "(model in the config file), or drop --blocks to route and relay only"
+        )
     lim = cfg.limits
     for key in (
         "max_sessions",
@@ -59,7 +63,7 @@ def validate(cfg: AgentConfig) -> None:
         raise ConfigError("limits.kv_memory_fraction: must be in (0, 1]")
     if lim.kv_budget_tokens < 0:
         raise ConfigError("limits.kv_budget_tokens: must be 0 (from memory) or positive")
-    if lim.session_idle_timeout <= 0:
+    if not 0 < lim.session_idle_timeout < math.inf:
         raise ConfigError("limits.session_idle_timeout: must be positive")
     for key in (
         "max_connections",
@@ -72,7 +76,7 @@ def validate(cfg: AgentConfig) -> None:
         if getattr(lim, key) < 1:
             raise ConfigError(f"limits.{key}: must be at least 1")
     for key in ("per_peer_requests_per_s", "per_peer_bytes_per_s", "new_peers_per_minute"):
-        if getattr(lim, key) <= 0:
+        if not 0 < getattr(lim, key) < math.inf:
             raise ConfigError(f"limits.{key}: must be positive")
     if not 64 * 1024 <= lim.stranger_buffer_bytes <= 64 * 1024 * 1024:
         raise ConfigError("limits.stranger_buffer_bytes: must be between 64 KiB and 64 MiB")
@@ -100,7 +104,7 @@ def validate(cfg: AgentConfig) -> None:
 
 
 def _validate_swarm(swarm: SwarmConfig) -> None:
-    if swarm.auth_timeout <= 0:
+    if not 0 < swarm.auth_timeout < math.inf:
         raise ConfigError("swarm.auth_timeout: must be positive")
     for key in ("allow", "deny"):
         for pid in getattr(swarm, key):
@@ -112,11 +116,11 @@ def _validate_idle(idle: IdleConfig) -> None:
     if not 0 <= idle.gpu_utilization_max <= 100:
         raise ConfigError("idle.gpu_utilization_max: must be a percentage, 0..100")
     for key in ("gpu_memory_max_mib", "cpu_load_max", "drain_grace", "holdoff"):
-        if getattr(idle, key) < 0:
+        if not 0 <= getattr(idle, key) < math.inf:
             raise ConfigError(f"idle.{key}: must not be negative")
     if idle.cpu_load_max > 1:
         raise ConfigError("idle.cpu_load_max: a share of all cores, 0..1 (0: not checked)")
-    if idle.check_interval <= 0:
+    if not 0 < idle.check_interval < math.inf:
         raise ConfigError("idle.check_interval: must be positive")
 
 
@@ -130,7 +134,7 @@ def _validate_api(api: ApiConfig) -> None:
             )
     if api.max_concurrent < 1:
         raise ConfigError("api.max_concurrent: must be at least 1")
-    if api.request_timeout <= 0:
+    if not 0 < api.request_timeout < math.inf:
         raise ConfigError("api.request_timeout: must be positive")
     if api.require_key and api.key_file is None:
         raise ConfigError(

@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.errors import ShardmeshError
 from agent.model.families import FAMILIES, block_key_prefix, checkpoint_base, family_for
+from protocol.ads import MAX_BLOCKS
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 
@@ -112,6 +113,13 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
             f"supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     n_blocks = _config_int(config, path, "num_hidden_layers", "n_layer")
+    if n_blocks > MAX_BLOCKS:
+        # Checked before any weights are read: no ad for such a model decodes (protocol.ads
+        # bounds n_blocks and spans), so it could neither be announced nor routed.
+        raise ModelError(
+            f"{path} has {n_blocks} blocks; the mesh protocol allows at most {MAX_BLOCKS}, "
+            "so no peer could announce or route it"
+        )
     hidden = _config_int(config, path, "hidden_size", "n_embd")
     vocab = _config_int(config, path, "vocab_size")
     index = read_weight_index(path)
