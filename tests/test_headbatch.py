@@ -3,8 +3,6 @@ matmul off the event loop, each equal to its own; a cancelled caller leaves the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import trio

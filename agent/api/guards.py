@@ -32,7 +32,10 @@ class HostNames:
     api.listen's host and port, localhost, 127.0.0.1 and [::1] at that port, and the names in
     api.server_names (NAME: any port; NAME:PORT). Off loopback (where keys are required
     anyway) the check is on once api.server_names is set; the listen address counts, and a
-    wildcard bind's loopback names."""
+    wildcard bind's loopback names.
+
+    `port`: the port the API is bound to, for api.listen's port 0 (any free one), which is
+    known only once bound; until then (port 0) only api.server_names without a port match."""
 
     def __init__(self, api: ApiConfig, port: int | None = None) -> None:
         host, listen_port = api_address(api)
@@ -42,10 +45,11 @@ class HostNames:
         wildcard = host in ("0.0.0.0", "::")
         self.enforced = loopback or bool(api.server_names)
         names: list[tuple[str, int | None]] = []
-        if not wildcard:
-            names.append(parse_server_name(f"{listen}:{self.port}"))
-        if loopback or wildcard:
-            names += [(name, self.port) for name in LOOPBACK_NAMES]
+        if self.port:  # not before the bound port is known
+            if not wildcard:
+                names.append((parse_server_name(listen)[0], self.port))
+            if loopback or wildcard:
+                names += [(name, self.port) for name in LOOPBACK_NAMES]
         names += [parse_server_name(name) for name in api.server_names]
         self.names = tuple(dict.fromkeys(names))  # in order, once each
 

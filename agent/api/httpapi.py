@@ -26,6 +26,7 @@ never imports the daemon.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import secrets
@@ -365,6 +366,45 @@ class _Front:
 
 
 # --- serving -----------------------------------------------------------------------------------
+def check_api_port(api: ApiConfig) -> None:
+    """ShardmeshError with one line if api.listen cannot be listened on now (its port in use,
+    an address not on this machine): the agent checks before it loads anything. Port 0 (any
+    free one) is not checked."""
+    from agent.net.mesh import bind_error
+
+    host, port = api_address(api)
+    if port:
+        exc = bind_error(host, port)
+        if exc is not None:
+            raise listen_error(api, exc)
+
+
+def listen_error(api: ApiConfig, exc: OSError) -> ShardmeshError:
+    """The one line for an API that cannot listen: a port in use names who holds it."""
+    host, port = api_address(api)
+    if exc.errno == errno.EADDRINUSE:
+        from agent.net.mesh import in_use_by
+
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return ShardmeshError(
+            f"the API port {where} is in use{in_use_by(port)}; stop it or choose another "
+            "--api HOST:PORT (api.listen)"
+        )
+    return ShardmeshError(f"api.listen: cannot listen on {api.listen}: {exc.strerror or exc}")
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError in `exc` (itself, or a leaf of nested exception groups), if any."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _os_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
 async def serve_api(
     node: ApiNode, cfg: AgentConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -389,8 +429,11 @@ async def serve_api(
         try:
             app = cast("ASGIFramework", server.app)  # Starlette's ASGI types, not hypercorn's
             binds = await nursery.start(partial(serve, app, config))
-        except OSError as exc:
-            raise ShardmeshError(f"api.listen: cannot listen on {api.listen}: {exc}") from None
+        except (OSError, BaseExceptionGroup) as exc:  # hypercorn's nurseries wrap its bind's
+            bind = _os_error(exc)
+            if bind is None:
+                raise
+            raise listen_error(api, bind) from None
         url = binds[0] if binds else f"http://{config.bind[0]}"
         if port == 0:  # the port hypercorn picked is the one Host headers name
             server.hosts = HostNames(api, int(url.rpartition(":")[2]))

@@ -181,6 +181,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from agent.daemon.node import run_agent
 
     trio.run(run_agent, cfg)
+    if "torch" in sys.modules:
+        # Stopped, with torch loaded: a block load that the signal abandoned may still run
+        # in its worker thread, and the interpreter's exit under a thread inside torch
+        # aborts ("terminate called without an active exception", exit 134); the exit also
+        # spends seconds collecting torch's objects. Nothing is left to clean up (the
+        # control socket is gone): flush the logs and end the process now.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

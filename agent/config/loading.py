@@ -82,10 +82,47 @@ def _merge_section(cls: type, base: Any, values: dict[str, Any], prefix: str = "
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         if key not in known or key in SECTIONS:
-            raise ConfigError(f"unknown config key '{prefix}{raw_key}'")
+            raise _unknown_keys([_unknown(prefix, raw_key)])
         name = known[key]
         changes[name] = _coerce(prefix + key, value, getattr(base, name))
     return replace(base, **changes)
+
+
+def _table_keys(prefix: str) -> list[str]:
+    """The keys of one table ("" the top level, "api." [api]) as a file writes them."""
+    cls = SECTIONS[prefix[:-1]] if prefix else AgentConfig
+    return [k for k in section_keys(cls) if k not in SECTIONS]
+
+
+def _unknown(prefix: str, raw_key: str) -> str:
+    """One unknown key, quoted, and what it may have meant: the key of the same name in
+    another table, else its table's key (or, at the top level, the table) closest to it."""
+    import difflib
+
+    key = raw_key.replace("-", "_")
+    tables = ("", *(f"{name}." for name in SECTIONS))
+    elsewhere = [table + key for table in tables if table != prefix and key in _table_keys(table)]
+    choices = _table_keys(prefix) + ([] if prefix else list(SECTIONS))
+    close = [prefix + c for c in difflib.get_close_matches(key, choices, n=1, cutoff=0.6)]
+    guess = (elsewhere or close)[:1]
+    hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+    return f"'{prefix}{raw_key}'{hint}"
+
+
+def _unknown_keys(keys: list[str]) -> ConfigError:
+    if len(keys) == 1:
+        return ConfigError(f"unknown config key {keys[0]}")
+    return ConfigError(f"unknown config keys {', '.join(keys)}")
+
+
+def _check_keys(top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> None:
+    """ConfigError naming every unknown key of one layer, each with a guess if one is close."""
+    unknown: list[str] = []
+    for prefix, values in (("", top), *((f"{n}.", t) for n, t in tables.items())):
+        known = _table_keys(prefix)
+        unknown += [_unknown(prefix, k) for k in values if k.replace("-", "_") not in known]
+    if unknown:
+        raise _unknown_keys(unknown)
 
 
 def load_config(config_file: Path | None, overrides: dict[str, Any]) -> AgentConfig:
@@ -119,7 +156,8 @@ def load_config(config_file: Path | None, overrides: dict[str, Any]) -> AgentCon
 
 
 def _apply(cfg: AgentConfig, data: dict[str, Any]) -> AgentConfig:
-    """Merge one layer (file or flags): top-level keys, then each [section] table."""
+    """Merge one layer (file or flags): top-level keys, then each [section] table. Every
+    unknown key of the layer is named in one ConfigError."""
     data = dict(data)
     tables = {}
     for name in SECTIONS:
@@ -128,6 +166,7 @@ def _apply(cfg: AgentConfig, data: dict[str, Any]) -> AgentConfig:
             if not isinstance(table, dict):
                 raise ConfigError(f"{name}: expected a table")
             tables[name] = table
+    _check_keys(data, tables)
     cfg = _merge_section(AgentConfig, cfg, data)
     for name, table in tables.items():
         merged = _merge_section(SECTIONS[name], getattr(cfg, name), table, f"{name}.")

@@ -17,6 +17,7 @@ configured, so an agent that serves nothing never imports torch.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -36,9 +37,9 @@ from agent.daemon.lifecycle import Lifecycle, load_error_line
 from agent.errors import ShardmeshError
 from agent.hw.devices import DeviceReport, discover
 from agent.net.identity import load_or_create_identity, private_seed
-from agent.net.mesh import Mesh, open_mesh
+from agent.net.mesh import Mesh, check_listen_addrs, open_mesh
 from agent.policy.peertable import INTAKE_REASONS, AdIntake, PeerTable, RelayBudget, TableLimits
-from agent.policy.snapshot import PeerSpan
+from agent.policy.snapshot import LEAVING, PeerSpan
 from agent.route.view import LocalForward, ModelPeer
 
 if TYPE_CHECKING:
@@ -266,6 +267,12 @@ async def run_agent(cfg: AgentConfig) -> None:
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_pair = load_or_create_identity(cfg.identity_path)
     control.prepare_socket_path(cfg.control_socket)
+    # Ports in use: fail now, not after loading torch (open_mesh and the API check again).
+    check_listen_addrs(cfg.mesh.listen)
+    if cfg.api.listen:
+        from agent.api.httpapi import check_api_port
+
+        check_api_port(cfg.api)
     if cfg.swarm.secret_file is not None:
         from agent.net.swarm import load_secret
 
@@ -364,20 +371,43 @@ async def _load_failed(node: Node, serving: Serving | None, why: str) -> None:
 async def _leave_on_signal(
     signals: Any, node: Node, scope: trio.CancelScope, leaving: trio.Event
 ) -> None:
-    """SIGTERM/SIGINT at any point (also while blocks load): drain, say goodbye, stop. The
-    drain's grace is `idle.drain_grace`, bounded by systemd's stop timeout; a second signal
-    skips the wait (Lifecycle.stop)."""
+    """SIGTERM/SIGINT at any point (also while blocks load: the load's worker thread is
+    abandoned, not waited for): drain, say goodbye, stop. The drain's grace is
+    `idle.drain_grace`, bounded by systemd's stop timeout; a second signal skips the wait
+    (Lifecycle.stop), and one once the drain is over (or there is none) skips the leaving
+    ad's linger too: the agent exits at once."""
     async for signum in signals:
         name = signal.Signals(signum).name
         log.info("received %s, leaving the mesh", name)
         service.notify_stopping(f"received {name}")
         break
     leaving.set()
-    await node.lifecycle.stop(node.cfg.idle.drain_grace, signals)
+    # One reader of the signals from here on (a receiver takes one at a time): it hands each
+    # to the drain, and cuts the rest of the way out short once the drain is over.
+    send, further = trio.open_memory_channel[int](math.inf)
+    with trio.CancelScope() as way_out:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_further_signals, signals, send, node, way_out)
+            async with further:
+                await node.lifecycle.stop(node.cfg.idle.drain_grace, further)
+            nursery.cancel_scope.cancel()
     # py-libp2p logs its own teardown races (tasks spawned into closing nurseries) as
     # errors with tracebacks; they say nothing about our shutdown, which is orderly.
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     scope.cancel()
+
+
+async def _further_signals(
+    signals: Any, send: trio.MemorySendChannel[int], node: Node, way_out: trio.CancelScope
+) -> None:
+    """Signals after the first: to the drain (which a second one cuts short) while it runs;
+    after it (the leaving ad), one ends the way out now."""
+    async for signum in signals:
+        if node.lifecycle.state == LEAVING:
+            log.info("received %s again: exiting now", signal.Signals(signum).name)
+            way_out.cancel()
+            return
+        send.send_nowait(signum)
 
 
 def _wrap(fn: Callable[[], Any]) -> control.Handler:

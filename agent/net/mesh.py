@@ -13,10 +13,13 @@ counted under its reason in the validator's `rejected` counts (status `rejected_
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -37,6 +40,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from agent.config import MeshConfig
+from agent.errors import ShardmeshError
 from agent.multiaddrs import split_peer_addr
 from agent.net.swarm import SwarmGate
 from agent.net.upstream import bound_multiselect_reads, enforce_yamux_windows, trust_peer
@@ -309,9 +313,86 @@ def _expand_wildcard(addr: str) -> list[str]:
     return [f"/ip4/{ip}{rest}" for ip in ips] or [addr]
 
 
+# --- before listening: is the port free? -------------------------------------------------------
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP `port` on this machine, for an error line ("a shardmesh agent, pid
+    42", "nginx, pid 7", "a process of another user"), or None if psutil cannot tell."""
+    try:
+        import psutil
+
+        conns = psutil.net_connections(kind="tcp")
+    except Exception:  # no permission to list sockets, or no psutil support here
+        return None
+    listening = [
+        c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+    ]
+    for conn in listening:
+        if not conn.pid:
+            continue
+        try:
+            proc = psutil.Process(conn.pid)
+            name, cmdline = proc.name(), proc.cmdline()
+        except psutil.Error:
+            return f"pid {conn.pid}"
+        if any(arg == "agent.cli" or os.path.basename(arg) == "shardmesh" for arg in cmdline):
+            name = "a shardmesh agent"
+        return f"{name}, pid {conn.pid}"
+    return "a process of another user" if listening else None
+
+
+def in_use_by(port: int) -> str:
+    """ " (by <who>)" for an error line about TCP `port` being in use, or "" if unknown."""
+    holder = port_holder(port)
+    return f" (by {holder})" if holder else ""
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """What binding TCP `port` on `host` raises now (errno EADDRINUSE: in use), or None.
+    Probes with a plain socket without SO_REUSEPORT: py-libp2p listens with it, so its own
+    bind would share a port another agent listens on. With SO_REUSEADDR, as a listener
+    has, so that a restart does not trip over its old connections in TIME_WAIT."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return exc
+    return None
+
+
+def check_listen_addrs(listen: Iterable[str]) -> None:
+    """ShardmeshError with one line if a listen address's TCP port cannot be listened on
+    (in use, an address not on this machine), before py-libp2p listens: it would share a
+    port in use (SO_REUSEPORT). Port 0 (any free one) is not checked."""
+    for addr in listen:
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+            protos = [p.name for p in maddr.protocols()]
+            ip_proto = next((p for p in ("ip4", "ip6") if p in protos), None)
+            if ip_proto is None or "tcp" not in protos:
+                continue  # a name (dns): py-libp2p resolves it itself
+            host, port = maddr.value_for_protocol(ip_proto), int(maddr.value_for_protocol("tcp"))
+        except Exception:  # config validation has checked the addresses already
+            continue
+        if port == 0:
+            continue
+        exc = bind_error(host, port)
+        if exc is None:
+            continue
+        if exc.errno == errno.EADDRINUSE:
+            raise ShardmeshError(
+                f"cannot listen on {addr}: TCP port {port} is in use{in_use_by(port)}; "
+                "stop it or choose another --listen port"
+            )
+        raise ShardmeshError(f"cannot listen on {addr}: {exc.strerror or exc}")
+
+
 @asynccontextmanager
 async def open_mesh(cfg: MeshConfig, key_pair: KeyPair) -> AsyncIterator[Mesh]:
-    """Start the host listening on cfg.listen and join the capacity topic."""
+    """Start the host listening on cfg.listen and join the capacity topic. A port in use
+    raises ShardmeshError (check_listen_addrs)."""
+    check_listen_addrs(cfg.listen)
     _install_signed_record_cache()
     bound_multiselect_reads()  # a stranger's claimed lengths, before Noise and the gate
     # Data past a stream's receive window, or a stranger's connection over its budget,

@@ -38,6 +38,7 @@ def read_secret_file(
     chmod_note: str = "",
     make: str = "",
     max_bytes: int = MAX_SECRET_BYTES,
+    directory: str = "is a directory, not a regular file: name the file in it",
 ) -> bytes:
     """The bytes of the secret file at `path`, as stored (callers strip or parse them).
 
@@ -45,7 +46,8 @@ def read_secret_file(
     the file is missing, unreadable, not a regular file, open to group or others (outside a
     systemd credential directory), empty, or over `max_bytes`. `chmod_note` follows the
     chmod advice ("... if it was never exposed"); `make` says how to make one, for a
-    missing or empty file. The secret itself never appears in a message.
+    missing or empty file; `directory` is what a directory at the path is told (after the
+    path). The secret itself never appears in a message.
     """
     where = f"{what} {path}"
     made = f"; {make}" if make else ""
@@ -64,7 +66,7 @@ def read_secret_file(
     try:
         st = os.fstat(fd)  # of the file we read, not of what the path names a moment later
         if stat.S_ISDIR(st.st_mode):
-            raise error(f"{where} is a directory, not a regular file: name the file in it")
+            raise error(f"{where} {directory}")
         if not stat.S_ISREG(st.st_mode):
             raise error(f"{where} is not a regular file")
         mode = stat.S_IMODE(st.st_mode)

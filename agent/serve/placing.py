@@ -31,8 +31,14 @@ async def auto_place(
     """Hear the mesh first (with jitter, so agents started together see each other's
     "joining" ads and spread out), then pick the span that fills the weakest coverage.
     `announce` publishes a tentative choice as a "joining" ad."""
-    wait = cfg.announce_interval * PLACEMENT_LISTEN_INTERVALS
-    await trio.sleep(wait * random.uniform(0.5, 1.0))
+    listen = cfg.announce_interval * PLACEMENT_LISTEN_INTERVALS * random.uniform(0.5, 1.0)
+    log.info(
+        "choosing blocks of %s: listening to the mesh for %.1f s first (--blocks START:END "
+        "skips this)",
+        info.name,
+        listen + cfg.announce_interval * 1.5,  # and the first round of the clash check
+    )
+    await trio.sleep(listen)
     per_block = block_param_bytes(info, cfg.dtype)
     capacity = max(1, blocks_that_fit(weights_budget(device), per_block))
     if cfg.max_blocks:

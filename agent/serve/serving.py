@@ -148,8 +148,16 @@ class Serving:
         log.info("loading blocks %d:%d of %s on %s", *span, self.info.name, device)
         t0 = time.monotonic()
         try:
-            self.shard = await trio.to_thread.run_sync(self._load, device)
-            self.throughput = await trio.to_thread.run_sync(self.shard.measure_throughput)
+            # Abandoned, not waited for, when the agent stops meanwhile (a signal while the
+            # blocks load): the thread cannot be interrupted, and the process is exiting.
+            # (The ignores: trio_typing's stale stubs predate abandon_on_cancel.)
+            shard = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                self._load, device, abandon_on_cancel=True
+            )
+            self.shard = shard
+            self.throughput = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                shard.measure_throughput, abandon_on_cancel=True
+            )
         finally:
             self.activity = ""
         self.kv_budget_bytes = memory.kv_budget(self.shard, self.limits)
