@@ -90,3 +90,14 @@ def test_plans_keep_the_bounds(
         assert sum(by_key[s.key].rows for s in plan) <= max(max_rows, by_key[0].rows)
         total = sum(by_key[s.key].rows * s.tokens for s in plan)
         assert total <= max(max_tokens, by_key[0].rows * plan[0].tokens)
+
+
+def test_gather_waits_only_for_active_sessions_and_only_so_long() -> None:
+    from agent.serve.batchplan import gather_wait
+
+    assert gather_wait(waiting=1, active=1, waited_s=0.0, max_wait_s=0.05) == 0.0  # alone
+    assert gather_wait(waiting=3, active=3, waited_s=0.0, max_wait_s=0.05) == 0.0  # all here
+    assert gather_wait(waiting=2, active=8, waited_s=0.0, max_wait_s=0.05) == 0.05
+    assert gather_wait(waiting=2, active=8, waited_s=0.03, max_wait_s=0.05) == 0.05 - 0.03
+    assert gather_wait(waiting=2, active=8, waited_s=0.06, max_wait_s=0.05) == 0.0
+    assert gather_wait(waiting=2, active=8, waited_s=0.0, max_wait_s=0.0) == 0.0  # off

@@ -29,6 +29,10 @@ class LimitsConfig:
     max_batch_rows: int = 32
     max_batch_tokens: int = 512
     batch_prefill_chunk: int = 256
+    # Seconds a forward may wait for the next steps of other sessions that are active (never
+    # longer than the last forward took; 0: run at once): streams a pipeline spread over its
+    # stages meet again in one batch. Never waits when only one session is active.
+    max_batch_wait: float = 0.05
     # KV-cache memory is reserved in pages of this many tokens as a session grows, not at
     # its max_length up front (a step that needs a page that does not fit is refused).
     kv_page_tokens: int = 256

@@ -78,6 +78,8 @@ def validate(cfg: AgentConfig) -> None:
     for key in ("per_peer_requests_per_s", "per_peer_bytes_per_s", "new_peers_per_minute"):
         if not 0 < getattr(lim, key) < math.inf:
             raise ConfigError(f"limits.{key}: must be positive")
+    if not 0 <= lim.max_batch_wait <= 1.0:
+        raise ConfigError("limits.max_batch_wait: seconds, 0..1 (0: never wait)")
     if not 64 * 1024 <= lim.stranger_buffer_bytes <= 64 * 1024 * 1024:
         raise ConfigError("limits.stranger_buffer_bytes: must be between 64 KiB and 64 MiB")
     for pid in lim.trusted_peers:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from agent.serve.batchplan import BatchBounds, Slice, Waiting, plan_batch
+from agent.serve.batchplan import BatchBounds, Slice, Waiting, gather_wait, plan_batch
 from agent.serve.stats import BATCH_ROWS, BATCH_TOKENS
 
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from agent.model.blocks import SessionCache, ShardModel
 
 log = logging.getLogger("shardmesh.serving")
+
+# A session that ran a step this recently is expected to send its next one (gather_wait).
+ACTIVE_WINDOW_S = 1.0
 
 
 @dataclass(eq=False)
@@ -55,8 +58,15 @@ class _Job:
 class StepBatcher:
     """One queue of steps in front of the blocks of one agent."""
 
-    def __init__(self, bounds: BatchBounds, compute: trio.CapacityLimiter) -> None:
+    def __init__(
+        self, bounds: BatchBounds, compute: trio.CapacityLimiter, max_wait_s: float = 0.0
+    ) -> None:
         self.bounds = bounds
+        # How long a forward may wait for the steps of other active sessions; at most the
+        # last forward's own time (waiting longer than a forward never pays).
+        self.max_wait_s = max_wait_s
+        self._last_forward_s = 0.0
+        self._recent: dict[int, float] = {}  # id(session cache) -> when it last stepped
         self.compute = compute  # the device: held for the whole of one forward
         self._shard: Callable[[], ShardModel | None] = lambda: None
         self._queue: list[_Job] = []
@@ -70,6 +80,10 @@ class StepBatcher:
     def attach(self, shard: Callable[[], ShardModel | None]) -> None:
         """Where the loaded blocks are (None while unloaded)."""
         self._shard = shard
+
+    def forget(self, cache: SessionCache) -> None:
+        """The session closed: its next step is not coming (gather_wait)."""
+        self._recent.pop(id(cache), None)
 
     @property
     def waiting(self) -> int:
@@ -102,12 +116,31 @@ class StepBatcher:
             self._queue = [j for j in self._queue if not j.abandoned]
             if not self._queue:
                 continue
+            await self._gather()
             plan = plan_batch([_waiting(j) for j in self._queue], self.bounds)
             await self._run_plan(plan)
+
+    async def _gather(self) -> None:
+        """Wait (briefly, see gather_wait) for the steps of other active sessions."""
+        start = trio.current_time()
+        limit = min(self.max_wait_s, self._last_forward_s)
+        while True:
+            now = trio.current_time()
+            for key in [k for k, t in self._recent.items() if now - t > ACTIVE_WINDOW_S]:
+                del self._recent[key]
+            queued = {id(j.cache) for j in self._queue if not j.abandoned}
+            active = len(queued | set(self._recent))
+            wait = gather_wait(len(queued), active, now - start, limit)
+            if wait <= 0:
+                return
+            self._wake = trio.Event()
+            with trio.move_on_after(wait):
+                await self._wake.wait()
 
     async def _run_plan(self, plan: list[Slice]) -> None:
         jobs = {j.key: j for j in self._queue}
         slices = [(jobs[s.key], s.tokens) for s in plan]
+        t0 = trio.current_time()
         async with self.compute:
             shard = self._shard()
             if shard is None:
@@ -116,6 +149,10 @@ class StepBatcher:
                 ]
             else:
                 results = await trio.to_thread.run_sync(_forward, shard, slices)
+        self._last_forward_s = trio.current_time() - t0
+        done_at = trio.current_time()
+        for job, _ in slices:
+            self._recent[id(job.cache)] = done_at
         rows = sum(j.hidden.shape[0] for j, _ in slices)
         self.last_rows = rows
         self.forwards += 1

@@ -72,3 +72,17 @@ def plan_batch(waiting: Sequence[Waiting], bounds: BatchBounds) -> list[Slice]:
         plan.append(Slice(w.key, n))
         rows, tokens = rows + w.rows, tokens + w.rows * n
     return plan
+
+
+def gather_wait(waiting: int, active: int, waited_s: float, max_wait_s: float) -> float:
+    """Seconds the next forward should still wait for more steps (0: run now).
+
+    `waiting`: sessions with a step queued; `active`: sessions that stepped recently (their
+    next step is on its way). When the device is the bottleneck, a forward over all of them
+    costs little more than one over a few, and waiting lets streams that a pipeline spread
+    over its stages meet again in one batch. Never waits when every active session is
+    already queued (a lone stream pays nothing), nor past `max_wait_s` in all.
+    """
+    if waiting >= active or max_wait_s <= 0:
+        return 0.0
+    return max(0.0, max_wait_s - waited_s)

@@ -67,6 +67,7 @@ class Serving:
                 prefill_chunk=cfg.limits.batch_prefill_chunk,
             ),
             self._compute,
+            max_wait_s=cfg.limits.max_batch_wait,
         )
         self.batcher.attach(lambda: self.shard)
         self.tokens_served = 0
@@ -323,6 +324,7 @@ class Serving:
 
     def close_session(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
+            self.batcher.forget(session.cache)  # no next step to wait for
             self._reserved -= session.reserved_bytes
             if session.peer != LOCAL_PEER:
                 self.peer_limits.close_session(session.peer, session.reserved_bytes)
