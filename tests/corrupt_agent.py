@@ -11,20 +11,21 @@ from typing import Any
 import torch
 
 from agent.cli.main import main
-from agent.serve import serving
+from agent.serve import batcher
 
 AMOUNT = float(os.environ.get("SHARDMESH_CORRUPT", "0.5"))
-_honest_forward = serving.Serving._forward
+_honest_run = batcher.StepBatcher.run
 
 
-def _corrupt_forward(self: Any, session: Any, hidden: torch.Tensor, position: int) -> torch.Tensor:
-    out = _honest_forward(self, session, hidden, position)
+async def _corrupt_run(self: Any, *args: Any) -> torch.Tensor:
+    """Every step's output, as the batcher hands it to the serving part, with a bump."""
+    out = await _honest_run(self, *args)
     bump = torch.zeros_like(out)
     bump[:, -1] = AMOUNT
     return out + bump
 
 
-serving.Serving._forward = _corrupt_forward  # type: ignore[method-assign]
+batcher.StepBatcher.run = _corrupt_run  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
