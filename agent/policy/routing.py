@@ -46,10 +46,10 @@ class NoRoute(Exception):
 
     def __init__(self, uncovered: list[int]) -> None:
         self.uncovered = list(uncovered)
-        super().__init__(f"no usable peer serves {_describe_blocks(self.uncovered)}")
+        super().__init__(f"no usable peer serves {describe_blocks(self.uncovered)}")
 
 
-def _describe_blocks(blocks: list[int]) -> str:
+def describe_blocks(blocks: list[int]) -> str:
     """'block 3', 'blocks 3-5', 'blocks 3-5, 9': inclusive ranges of block indices."""
     ranges: list[str] = []
     i = 0

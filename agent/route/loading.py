@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from agent.policy.routing import describe_blocks
 from agent.policy.snapshot import JOINING, ROUTABLE_STATES, PeerSpan
 from agent.route.view import MeshView, ModelLoading, ModelPeer, ModelPeers
 
@@ -64,7 +65,7 @@ class Loading:
             parts.append(f"{n - MAX_PEERS_NAMED} more")
         line = f"model {self.model_name} is loading on {_plural(n, 'peer')} ({'; '.join(parts)})"
         if self.unclaimed and all(p.span is not None for p in self.peers):
-            line += f"; no peer serves or loads {block_ranges(list(self.unclaimed))} yet"
+            line += f"; no peer serves or loads {describe_blocks(list(self.unclaimed))} yet"
         return line
 
     def to_json(self) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class Loading:
         return {
             "model": self.model_id,
             "message": self.describe(),
-            "missing": block_ranges(list(self.missing)),
+            "missing": describe_blocks(list(self.missing)),
             "peers": [
                 {
                     "peer_id": p.peer_id,
@@ -195,19 +196,6 @@ async def wait_while_loading(
             log.info("%s: loading over after %.1f s", model_id, trio.current_time() - began)
             return
         loading = nxt
-
-
-def block_ranges(blocks: list[int]) -> str:
-    """'block 3', 'blocks 3-5, 9' (inclusive ranges of block indices)."""
-    ranges: list[str] = []
-    i = 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        ranges.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
-        i = j + 1
-    return f"{'block' if len(blocks) == 1 else 'blocks'} {', '.join(ranges)}"
 
 
 def _uncovered(start: int, end: int, spans: Sequence[tuple[int, int]]) -> list[int]:
