@@ -19,7 +19,7 @@ import psutil
 import trio
 
 from agent.config import IdleConfig
-from agent.daemon.lifecycle import Admission, Lifecycle, load_error_line
+from agent.daemon.lifecycle import Admission, Lifecycle, load_error_line, settle_failed_load
 from agent.hw.devices import DeviceReport, discover
 from agent.policy.idle import Action, IdlePolicy, busy_reasons, owner_activity
 from agent.serve.host import ServingHost
@@ -140,13 +140,8 @@ class IdleWatch:
             try:
                 await self.serving.load(self.host)
             except Exception as exc:  # out of memory now that the owner left things behind
-                # As at start-up: one line, what half loaded freed, online serving nothing,
-                # the reason saying why; the policy stays put (no reload loop).
-                why = load_error_line(exc)
-                log.error("load failed: %s; serving no blocks (shardmesh status shows this)", why)
-                with trio.move_on_after(10.0):
-                    await self.serving.unload()
-                self.lifecycle.load_failed(why)
+                # As at start-up; the policy stays put (no reload loop).
+                await settle_failed_load(self.lifecycle, self.serving, load_error_line(exc))
                 await self.lifecycle.announce()
                 return
             self.policy.loaded()

@@ -103,6 +103,25 @@ def serving_reason(serving: Admission | None) -> str:
     return "no model configured: routing and relaying only"
 
 
+class Unloadable(Protocol):
+    async def unload(self) -> None: ...
+
+
+async def settle_failed_load(lifecycle: Lifecycle, serving: Unloadable | None, why: str) -> None:
+    """A load failed (at start-up or a reload by the idle watch; `why` is load_error_line's):
+    one line in the log, not a traceback or an exit (systemd would restart us into the same
+    failure); drop whatever half loaded, so ads claim no span; stay up routing and relaying,
+    the reason saying "load failed: <why>" (docs/ARCHITECTURE.md)."""
+    log.error("load failed: %s; serving no blocks (shardmesh status shows this)", why)
+    if serving is not None:
+        with trio.move_on_after(10.0):
+            try:
+                await serving.unload()  # frees what a failed load left (after out of memory)
+            except Exception as exc:
+                log.warning("freeing the failed load's memory: %s", load_error_line(exc))
+    lifecycle.load_failed(why)
+
+
 class Lifecycle:
     """The agent's state, reason and admission; see the module's docstring."""
 

@@ -33,7 +33,7 @@ from agent.daemon import service, views
 from agent.daemon.announce import Announcer
 from agent.daemon.discovery import Discovery, LoopErrors
 from agent.daemon.idlewatch import IdleWatch
-from agent.daemon.lifecycle import Lifecycle, load_error_line
+from agent.daemon.lifecycle import Lifecycle, load_error_line, settle_failed_load
 from agent.errors import ShardmeshError
 from agent.hw.devices import DeviceReport, discover
 from agent.net.identity import load_or_create_identity, private_seed
@@ -346,26 +346,12 @@ async def _run_mesh(
                         failed = load_error_line(exc)
                 if failed is not None:
                     online = False
-                    await _load_failed(node, serving, failed)
+                    await settle_failed_load(node.lifecycle, serving, failed)
                 if online:
                     node.lifecycle.online()  # refused once stopping: a signal while loading wins
                 await node.publish_ad()
                 log.info("agent %s", "online" if online else "up, serving nothing for now")
                 nursery.start_soon(service.announce_ready, node)  # systemd: READY=1
-
-
-async def _load_failed(node: Node, serving: Serving | None, why: str) -> None:
-    """One line in the log, not a traceback or an exit (systemd would restart us into the
-    same failure): drop whatever half loaded, so ads claim no span, and stay up routing and
-    relaying, the lifecycle's reason saying "load failed: <why>" (docs/ARCHITECTURE.md)."""
-    log.error("load failed: %s; serving no blocks (shardmesh status shows this)", why)
-    if serving is not None:
-        with trio.move_on_after(10.0):
-            try:
-                await serving.unload()  # frees what a failed load left (after out of memory)
-            except Exception as exc:
-                log.warning("freeing the failed load's memory: %s", load_error_line(exc))
-    node.lifecycle.load_failed(why)
 
 
 async def _leave_on_signal(

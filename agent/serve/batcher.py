@@ -149,8 +149,8 @@ class StepBatcher:
                 ]
             else:
                 results = await trio.to_thread.run_sync(_forward, shard, slices)
-        self._last_forward_s = trio.current_time() - t0
         done_at = trio.current_time()
+        self._last_forward_s = done_at - t0
         for job, _ in slices:
             self._recent[id(job.cache)] = done_at
         rows = sum(j.hidden.shape[0] for j, _ in slices)
